@@ -1,0 +1,191 @@
+"""Decoder-only language model of the LLaMA family (LLaMA, Qwen2, ...).
+
+RMSNorm, RoPE, grouped-query attention, SwiGLU, optional q/k/v bias and tied
+embeddings. The KV cache is an explicit pytree (`KVCache`) passed in and
+returned, so decoding stays a pure function that jits and shards like training.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.layers import Linear, RMSNorm, apply_rope, constrain, dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  vocab_size: int = 32000
+  embed_dim: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  mlp_dim: int = 11008
+  rope_theta: float = 10000.0
+  rope_linear_scaling: float = 1.0
+  norm_eps: float = 1e-5
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  max_position: int = 4096
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, `[layers, batch, slots, kv_heads, head_dim]`.
+
+  `key_mask[b, s]` says which slots hold real tokens (left padding is masked);
+  `end` is the next slot to write.
+  """
+  k: jax.Array
+  v: jax.Array
+  key_mask: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def empty(cls, config: LMConfig, batch: int, slots: int) -> "KVCache":
+    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(config.dtype)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+
+@flax.struct.dataclass
+class LMOutput:
+  logits: jax.Array
+  cache: Optional[KVCache] = None
+  hidden: Optional[jax.Array] = None
+
+
+class DecoderBlock(nn.Module):
+  """One pre-norm decoder layer. Scan-compatible: `(x, layer_cache) -> (x, new_cache)`."""
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, write_at, layer_cache):
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    b, l, _ = x.shape
+
+    h = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
+    q = Linear(c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias, name="q", **kw)(h)
+    k = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv"), c.qkv_bias, name="k", **kw)(h)
+    v = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv"), c.qkv_bias, name="v", **kw)(h)
+    q = q.reshape(b, l, c.num_heads, c.head_dim)
+    k = k.reshape(b, l, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, l, c.num_kv_heads, c.head_dim)
+    q = apply_rope(q, positions, c.rope_theta, c.rope_linear_scaling)
+    k = apply_rope(k, positions, c.rope_theta, c.rope_linear_scaling)
+    new_cache = None
+    if layer_cache is not None:
+      k_all, v_all = layer_cache
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, write_at, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, write_at, 0, 0))
+      new_cache = (k_all, v_all)
+      k, v = k_all, v_all
+    attn = dot_product_attention(q, k, v, mask).reshape(b, l, c.num_heads * c.head_dim)
+    attn = constrain(attn, ("batch", "length", "heads"))
+    x = x + Linear(c.embed_dim, ("heads", "embed"), name="o", **kw)(attn)
+
+    h = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
+    gate = Linear(c.mlp_dim, ("embed", "mlp"), name="gate", **kw)(h)
+    up = Linear(c.mlp_dim, ("embed", "mlp"), name="up", **kw)(h)
+    hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    x = x + Linear(c.embed_dim, ("mlp", "embed"), name="down", **kw)(hidden)
+    return constrain(x, ("batch", "length", "embed")), new_cache
+
+
+class DecoderLM(nn.Module):
+  """`apply({'params': p}, input_ids) -> LMOutput(logits [batch, length, vocab])`.
+
+  Parameter tree: `embed`, `layers_{i}` (or `layers`, stacked on a leading axis,
+  when `scan_layers`), `norm`, and `lm_head` unless embeddings are tied.
+  """
+  config: LMConfig
+
+  def setup(self):
+    c = self.config
+    self.embedder = nn.Embed(
+        c.vocab_size, c.embed_dim, param_dtype=jnp.dtype(c.param_dtype),
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        name="embed")
+    block = DecoderBlock
+    if c.remat:
+      block = nn.remat(block, prevent_cse=not c.scan_layers, static_argnums=())
+    if c.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+    else:
+      self.layers = [block(c, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.norm = RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    if not c.tie_embeddings:
+      self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype),
+                            param_dtype=jnp.dtype(c.param_dtype))
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """Token embeddings `[batch, length, embed]` (the VLM splices images into these)."""
+    return self.embedder(input_ids).astype(jnp.dtype(self.config.dtype))
+
+  def __call__(self, input_ids: Optional[jax.Array] = None, *,
+               attention_mask: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None,
+               inputs_embeds: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None) -> LMOutput:
+    """Runs the decoder.
+
+    attention_mask: [batch, length], 1 for real tokens (padding anywhere).
+    positions: [batch, length] RoPE positions; default `0..length-1` (plus the
+      cache's end when decoding).
+    cache: if given, the new keys/values are written at `cache.end` and the
+      updated cache is returned; queries attend to all earlier valid slots.
+    """
+    c = self.config
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    b, l, _ = x.shape
+    x = constrain(x, ("batch", "length", "embed"))
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, l), bool)
+    attention_mask = attention_mask.astype(bool)
+    start = cache.end if cache is not None else jnp.zeros((), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(l), (b, l))
+
+    query_slots = start + jnp.arange(l)
+    if cache is None:
+      key_mask, key_slots = attention_mask, jnp.arange(l)
+    else:
+      key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask, (0, start))
+      key_slots = jnp.arange(cache.key_mask.shape[1])
+    mask = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+
+    if c.scan_layers:
+      xs = None if cache is None else (cache.k, cache.v)
+      x, new_kv = self.layers(x, positions, mask, start, xs)
+    else:
+      new_kv = []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+        x, kv = layer(x, positions, mask, start, layer_cache)
+        new_kv.append(kv)
+      if cache is not None:
+        new_kv = (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
+
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(new_kv[0], new_kv[1], key_mask, start + l)
+    hidden = self.norm(x)
+    if c.tie_embeddings:
+      logits = self.embedder.attend(hidden.astype(jnp.dtype(c.param_dtype)))
+    else:
+      logits = self.lm_head(hidden)
+    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return LMOutput(logits=logits, cache=new_cache, hidden=hidden)

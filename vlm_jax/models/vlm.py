@@ -1,0 +1,103 @@
+"""The VLM: vision tower -> projector -> decoder LM, images anywhere in the text.
+
+The text holds one image token per image feature (as the Hugging Face LLaVA
+processor lays it out); the projected image features replace those tokens'
+embeddings in order: image 0's features fill the first run of image tokens,
+and so on, across the whole batch.
+"""
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.lm import DecoderLM, KVCache, LMConfig, LMOutput
+from vlm_jax.models.projector import Projector, projected_tokens
+from vlm_jax.models.vit import ViTConfig, VisionTower
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  vision: ViTConfig = ViTConfig()
+  text: LMConfig = LMConfig()
+  projector: str = "mlp2x_gelu"
+  projector_act: str = "gelu"
+  projector_bias: bool = True
+  feature_layer: int = -2
+  # As in Hugging Face LLaVA: "default" drops the first token (CLIP's class
+  # token), "full" keeps all (use it for SigLIP towers).
+  feature_select: str = "default"
+  image_token_id: int = 32000
+
+  @property
+  def tokens_per_image(self) -> int:
+    vision_tokens = self.vision.num_tokens - (self.feature_select == "default")
+    return projected_tokens(self.projector, vision_tokens)
+
+
+def splice_images(text_embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
+  """Puts image features, in order, where `is_image` is True.
+
+  text_embeds: [b, l, d]; image_features: [n, t, d]; is_image: [b, l] with n*t True entries.
+  """
+  flat = image_features.reshape(-1, image_features.shape[-1]).astype(text_embeds.dtype)
+  index = jnp.cumsum(is_image.reshape(-1)) - 1
+  gathered = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(text_embeds.shape)
+  return jnp.where(is_image[..., None], gathered, text_embeds)
+
+
+def check_image_tokens(input_ids, image_token_id: int, num_images: int, tokens_per_image: int):
+  """Raises a clear error when the image tokens and the images disagree (eager inputs only)."""
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  found = int((input_ids == image_token_id).sum())
+  if found != num_images * tokens_per_image:
+    raise ValueError(
+        f"input_ids hold {found} image tokens (id {image_token_id}) but {num_images} image(s) "
+        f"x {tokens_per_image} tokens per image = {num_images * tokens_per_image} were given")
+
+
+class VLM(nn.Module):
+  """`apply({'params': p}, input_ids, images=...) -> LMOutput`.
+
+  images: [num_images, h, w, 3], already normalised; or `image_embeds`
+  [num_images, tokens, lm_width] to skip the vision tower and projector
+  (e.g. Synth² synthetic embeddings). Parameters: `vision`, `projector`, `lm`.
+  """
+  config: VLMConfig
+
+  def setup(self):
+    c = self.config
+    self.vision = VisionTower(c.vision)
+    self.projector = Projector(c.projector, c.text.embed_dim, c.projector_bias, c.projector_act,
+                               dtype=jnp.dtype(c.text.dtype), param_dtype=jnp.dtype(c.text.param_dtype))
+    self.lm = DecoderLM(c.text)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """Images -> projected features [n, tokens_per_image, lm_width]."""
+    c = self.config
+    feats = self.vision(images, feature_layer=c.feature_layer).features
+    if c.feature_select == "default":
+      feats = feats[:, 1:]
+    return self.projector(feats)
+
+  def __call__(self, input_ids: jax.Array, images: Optional[jax.Array] = None, *,
+               image_embeds: Optional[jax.Array] = None,
+               attention_mask: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None) -> LMOutput:
+    c = self.config
+    embeds = self.lm.embed(jnp.where(input_ids == c.image_token_id, 0, input_ids)
+                           if c.image_token_id >= c.text.vocab_size else input_ids)
+    if images is not None and image_embeds is not None:
+      raise ValueError("pass either images or image_embeds, not both")
+    if images is not None:
+      image_embeds = self.encode_images(images)
+    elif self.is_initializing():
+      self.encode_images(jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)))
+    if image_embeds is not None:
+      check_image_tokens(input_ids, c.image_token_id, image_embeds.shape[0], image_embeds.shape[1])
+      embeds = splice_images(embeds, image_embeds, input_ids == c.image_token_id)
+    return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, cache=cache)
