@@ -1,0 +1,56 @@
+"""Builds a model from an ml_collections config (the `model` block of a config file).
+
+    model:
+      kind: "vlm" | "lm" | "vision" | "contrastive"
+      vision: {...ViTConfig fields}     # vlm, vision, contrastive
+      text: {...LMConfig fields}        # vlm ("lm" uses the top level)
+      projector, feature_layer, ...     # remaining VLMConfig fields
+
+Unknown keys are an error that names them.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+
+from vlm_jax.models.contrastive import ContrastiveConfig, ContrastiveModel, TextConfig
+from vlm_jax.models.lm import DecoderLM, LMConfig
+from vlm_jax.models.vit import ViTConfig, VisionTower
+from vlm_jax.models.vlm import VLM, VLMConfig
+
+
+def _make(cls, fields: Mapping[str, Any], where: str):
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in {where}; {cls.__name__} takes {sorted(known)}")
+  return cls(**fields)
+
+
+def _plain(d) -> dict:
+  return d.to_dict() if hasattr(d, "to_dict") else dict(d)
+
+
+def config_from_dict(cfg: Mapping[str, Any]):
+  """ConfigDict (or dict) -> (module class, frozen model config)."""
+  cfg = _plain(cfg)
+  kind = cfg.pop("kind", None)
+  if kind == "lm":
+    return DecoderLM, _make(LMConfig, cfg, "model")
+  if kind == "vision":
+    return VisionTower, _make(ViTConfig, cfg.pop("vision", cfg), "model.vision")
+  if kind == "vlm":
+    vision = _make(ViTConfig, cfg.pop("vision", {}), "model.vision")
+    text = _make(LMConfig, cfg.pop("text", {}), "model.text")
+    return VLM, _make(VLMConfig, {**cfg, "vision": vision, "text": text}, "model")
+  if kind == "contrastive":
+    vision = _make(ViTConfig, cfg.pop("vision", {}), "model.vision")
+    text = _make(TextConfig, cfg.pop("text", {}), "model.text")
+    return ContrastiveModel, _make(ContrastiveConfig, {**cfg, "vision": vision, "text": text}, "model")
+  raise ValueError(f"model.kind must be one of 'vlm', 'lm', 'vision', 'contrastive', got {kind!r}")
+
+
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+  module, config = config_from_dict(cfg)
+  return module(config)
