@@ -70,7 +70,7 @@ def write_tensors(folder: str, tensors: Iterator[tuple[str, np.ndarray]],
   os.makedirs(folder, exist_ok=True)
   shards, current, size = [], {}, 0
   for name, array in tensors:
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # (ascontiguousarray would turn a scalar 1-d)
     if current and size + array.nbytes > max_shard_bytes:
       shards.append(current)
       current, size = {}, 0

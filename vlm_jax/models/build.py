@@ -39,7 +39,12 @@ def config_from_dict(cfg: Mapping[str, Any]):
   if kind == "lm":
     return DecoderLM, _make(LMConfig, cfg, "model")
   if kind == "vision":
-    return VisionTower, _make(ViTConfig, cfg.pop("vision", cfg), "model.vision")
+    if "vision" in cfg:  # the tower nested under `vision:`; nothing else may stand beside it
+      stray = sorted(set(cfg) - {"vision"})
+      if stray:
+        raise ValueError(f"unknown key(s) {stray} in model; a vision model takes only `vision`")
+      cfg = cfg["vision"]
+    return VisionTower, _make(ViTConfig, cfg, "model.vision")
   if kind == "vlm":
     vision = _make(ViTConfig, cfg.pop("vision", {}), "model.vision")
     text = _make(LMConfig, cfg.pop("text", {}), "model.text")

@@ -34,11 +34,13 @@ class ViTConfig:
   def __post_init__(self):
     if self.style not in ("clip", "siglip"):
       raise ValueError(f"ViTConfig.style must be 'clip' or 'siglip', got {self.style!r}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    if self.image_size < self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
 
   @property
   def grid(self) -> int:
+    # Like the reference conv: trailing pixels that fill no whole patch are
+    # dropped (SigLIP so400m/14 at 384 px has a 27x27 grid).
     return self.image_size // self.patch_size
 
   @property
