@@ -264,3 +264,22 @@ def test_llava_in_memory_names_are_read(llava_pair, tmp_path):
   assert any(k.startswith("model.language_model.") for k in hf.state_dict())
   _, again = vlm_jax.from_hf(tmp_path)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, again)
+
+
+@pytest.mark.parametrize("style", ["clip", "siglip"])
+def test_contrastive_losses_match_transformers(style, tmp_path):
+  from vlm_jax.models import clip_loss, siglip_loss
+  text = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, max_position_embeddings=16, eos_token_id=98)
+  vision = ref.tiny_vision_config(style, num_hidden_layers=1).to_dict()
+  cls, config = ((transformers.CLIPModel, transformers.CLIPConfig) if style == "clip"
+                 else (transformers.SiglipModel, transformers.SiglipConfig))
+  hf, folder = ref.build(cls, config(text_config=text, vision_config=vision), tmp_path)
+  model, params = vlm_jax.from_hf(folder)
+  ids = np.random.RandomState(0).randint(1, 97, (4, 8))
+  ids[:, -1] = 98
+  x = ref.images(4, 28)
+  theirs = hf(input_ids=torch.tensor(ids), pixel_values=ref.to_torch_images(x), return_loss=True).loss.detach()
+  logits = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(ids)).logits_per_text
+  loss = (clip_loss if style == "clip" else siglip_loss)(logits)
+  assert abs(float(loss) - theirs.item()) < 1e-4
