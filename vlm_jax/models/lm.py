@@ -139,12 +139,15 @@ class DecoderLM(nn.Module):
                attention_mask: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
                inputs_embeds: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None,
                cache: Optional[KVCache] = None) -> LMOutput:
     """Runs the decoder.
 
     attention_mask: [batch, length], 1 for real tokens (padding anywhere).
     positions: [batch, length] RoPE positions; default `0..length-1` (plus the
       cache's end when decoding).
+    segment_ids: [batch, length] for packed rows: a token attends only to
+      earlier tokens of its own segment (give `positions` restarting per segment).
     cache: if given, the new keys/values are written at `cache.end` and the
       updated cache is returned; queries attend to all earlier valid slots.
     """
@@ -166,6 +169,10 @@ class DecoderLM(nn.Module):
       key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask, (0, start))
       key_slots = jnp.arange(cache.key_mask.shape[1])
     mask = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("segment_ids (packing) are for training, not for decoding with a cache")
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
     if c.scan_layers:
       xs = None if cache is None else (cache.k, cache.v)

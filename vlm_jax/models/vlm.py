@@ -40,11 +40,19 @@ class VLMConfig:
 def splice_images(text_embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
   """Puts image features, in order, where `is_image` is True.
 
-  text_embeds: [b, l, d]; image_features: [n, t, d]; is_image: [b, l] with n*t True entries.
+  text_embeds: [b, l, d]; is_image: [b, l].
+  image_features: [n, t, d], consumed in order across the whole batch (the
+    Hugging Face layout), or [b, m, t, d], row i's image tokens taking row i's
+    images in order (the training layout: m image slots per row, unused slots
+    padded and never referenced).
   """
+  if image_features.ndim == 4:
+    b, m, t, d = image_features.shape
+    index = jnp.cumsum(is_image, axis=1) - 1 + (jnp.arange(b) * m * t)[:, None]
+  else:
+    index = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(is_image.shape)
   flat = image_features.reshape(-1, image_features.shape[-1]).astype(text_embeds.dtype)
-  index = jnp.cumsum(is_image.reshape(-1)) - 1
-  gathered = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(text_embeds.shape)
+  gathered = flat[jnp.clip(index, 0, flat.shape[0] - 1)]
   return jnp.where(is_image[..., None], gathered, text_embeds)
 
 
@@ -62,9 +70,12 @@ def check_image_tokens(input_ids, image_token_id: int, num_images: int, tokens_p
 class VLM(nn.Module):
   """`apply({'params': p}, input_ids, images=...) -> LMOutput`.
 
-  images: [num_images, h, w, 3], already normalised; or `image_embeds`
-  [num_images, tokens, lm_width] to skip the vision tower and projector
-  (e.g. Synth² synthetic embeddings). Parameters: `vision`, `projector`, `lm`.
+  images: [num_images, h, w, 3], already normalised, taken in order by the
+  image tokens of the whole batch (as Hugging Face LLaVA does); or
+  [batch, slots, h, w, 3], each row's image tokens taking that row's images.
+  image_embeds: the same with [..., tokens, lm_width] features instead, to
+  skip the vision tower and projector (e.g. Synth² synthetic embeddings).
+  Parameters: `vision`, `projector`, `lm`.
   """
   config: VLMConfig
 
@@ -76,17 +87,20 @@ class VLM(nn.Module):
     self.lm = DecoderLM(c.text)
 
   def encode_images(self, images: jax.Array) -> jax.Array:
-    """Images -> projected features [n, tokens_per_image, lm_width]."""
+    """Images [..., h, w, 3] -> projected features [..., tokens_per_image, lm_width]."""
     c = self.config
-    feats = self.vision(images, feature_layer=c.feature_layer).features
+    lead = images.shape[:-3]
+    feats = self.vision(images.reshape(-1, *images.shape[-3:]), feature_layer=c.feature_layer).features
     if c.feature_select == "default":
       feats = feats[:, 1:]
-    return self.projector(feats)
+    feats = self.projector(feats)
+    return feats.reshape(*lead, *feats.shape[1:])
 
   def __call__(self, input_ids: jax.Array, images: Optional[jax.Array] = None, *,
                image_embeds: Optional[jax.Array] = None,
                attention_mask: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None,
                cache: Optional[KVCache] = None) -> LMOutput:
     c = self.config
     embeds = self.lm.embed(jnp.where(input_ids == c.image_token_id, 0, input_ids)
@@ -98,6 +112,8 @@ class VLM(nn.Module):
     elif self.is_initializing():
       self.encode_images(jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)))
     if image_embeds is not None:
-      check_image_tokens(input_ids, c.image_token_id, image_embeds.shape[0], image_embeds.shape[1])
+      if image_embeds.ndim == 3:
+        check_image_tokens(input_ids, c.image_token_id, image_embeds.shape[0], image_embeds.shape[1])
       embeds = splice_images(embeds, image_embeds, input_ids == c.image_token_id)
-    return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, cache=cache)
+    return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
+                   segment_ids=segment_ids, cache=cache)
