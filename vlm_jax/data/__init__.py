@@ -1,0 +1,1 @@
+"""Data: the record schema, the shapes world, TFDS builders, tokenizers and the input pipeline."""
