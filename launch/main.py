@@ -1,0 +1,66 @@
+r"""Runs any vlm_jax job from a config file, on one CPU or on a pod.
+
+    python -m launch.main --config=configs/tiny_train.py --workdir=/tmp/run
+    python -m launch.main --config=configs/tiny_train.py:model=small --workdir=/tmp/run \
+        --config.total_steps=100 --config.mesh.fsdp=4
+
+`--config.key=value` overrides any key; a mistyped key is an error naming it.
+The config's `job` says what runs (`train`, ...). Running the same command
+again resumes from the newest checkpoint in the workdir.
+
+Multi-host: on TPU pods and SLURM, JAX finds its peers by itself; elsewhere
+pass --coordinator=HOST:PORT --num_processes=N --process_id=I (or set
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+"""
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_LOCAL_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Virtual CPU devices in this process (testing).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+JOBS = {}
+
+
+def job(name):
+  def register(fn):
+    JOBS[name] = fn
+    return fn
+  return register
+
+
+@job("train")
+def _train(config, workdir):
+  from vlm_jax.train.loop import train
+  train(config, workdir)
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from vlm_jax.parallel import initialize
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
+  config = _CONFIG.value
+  name = config.get("job", "train")
+  if name not in JOBS:
+    sys.exit(f"unknown job {name!r} in the config; known jobs: {sorted(JOBS)}")
+  JOBS[name](config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

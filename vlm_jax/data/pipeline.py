@@ -1,0 +1,843 @@
+"""The input pipeline: TFDS records -> rendered, tokenised, batched host arrays, on grain.
+
+    from vlm_jax.data import pipeline, tokenizer
+    tok, image_id = tokenizer.load_tokenizer("/tmp/tok")
+    pipe = pipeline.Pipeline.from_config(config.data, tok, tokens_per_image=16, image_token_id=image_id)
+    it = iter(pipe)
+    batch = next(it)                 # the batch format of vlm_jax/data/schema.py
+    state = it.get_state()           # JSON-serialisable; save beside the model
+    it = pipe.iterator(state)        # ... continues with exactly the next batch
+    it.skipped()                     # {"too_long": 3, "undecodable_image": 1, ...}
+
+Stages (each source is a TFDS data set read by random access:
+`builder.as_data_source(split)`, array_record files):
+
+  1. indices    per source: range(len) -> this host's shard [process_index::process_count]
+                -> global shuffle (grain index shuffle, seeded by (seed, source name),
+                reshuffled every epoch) -> repeat(num_epochs; None = forever)
+  2. mixture    grain `MapDataset.mix` of the sources with the given weights (exact
+                proportions: weights 1:1 alternate, 3:1 take three then one, ...)
+  3. process    in grain's reader threads: read the record, render() it, check it,
+                decode and preprocess its images. A bad record becomes a "skip" marker
+                with a reason, counted by the iterator and never batched.
+  4. batch      in the iterator: rows of seq_len tokens, padded (one record per row) or
+                packed (records in stream order while tokens and image slots fit).
+
+Every element of stages 1-3 is a pure function of its position in the stream, so the
+iterator's state is one integer (the position of the next record not yet in a batch)
+plus the skip counts: restoring it reproduces the following batches bit for bit.
+
+Rendering (`render`; see schema.py for the record kinds):
+  - BOS first (when the tokenizer has one); then, by role:
+  - user       `template.user` with {content} replaced ("USER: {content}\\nASSISTANT:");
+               not a target. Every "<image>" in it becomes `tokens_per_image` image tokens.
+  - assistant  `template.assistant` with {content} (" {content}"), then EOS: all targets.
+               A user turn that follows an assistant turn is preceded by `template.separator`.
+  - text       the content, every token a target except image tokens; EOS (a target)
+               closes a record that ends with a text turn (interleaved documents, corpora).
+  - caption    kind "caption" uses no chat template: BOS, the user content (normally just
+               "<image>"), `template.caption_prompt` (optional fixed prompt, not a target),
+               then the caption and EOS as targets.
+  - `template.system` (optional) follows BOS in non-caption records, not a target.
+  EOS is the tokenizer's eos id (never the text "</s>"); image tokens are never targets.
+
+Bad records: skipped and counted by reason (`iterator.skipped()`), never trained on:
+  undecodable_image     an image PIL cannot decode
+  missing_image         an empty image, or a caption record without an image
+  image_count_mismatch  the number of "<image>" placeholders differs from the images
+  empty_target          an empty caption / answer / text turn
+  too_long              longer than seq_len (with truncate=False; with truncate=True a
+                        record is cut at seq_len, moved back to the start of an image's
+                        token run when the cut falls inside one, and its later images
+                        dropped; skipped only if no target token survives)
+  too_many_images       more images than the image slots of a row
+  malformed_record      unknown kind or role, no turns, <image> in an assistant turn,
+                        a caption without exactly one assistant turn
+  unreadable_record     reading the record from its source failed
+  processing_error      any other exception while processing a record (logged)
+
+Config (`default_config()`; the `data` block of an experiment config; `from_config`):
+  sources            list of {name, split, weight[, data_dir]}: TFDS builder names (the
+                     project's builders are registered by importing vlm_jax.data.builders)
+  data_dir           TFDS data directory (default: TFDS's own)
+  tokenizer          folder of a Hugging Face tokenizer (used when none is passed in)
+  global_batch_size  rows per step over all hosts; each host yields global / process_count
+  seq_len            tokens per row
+  image_slots        M, images per row (batch["images"] is [B, M, H, W, 3])
+  image_size         square side the vision tower takes (None: from the model config)
+  normalization      "clip" | "siglip" (None: from the model's vision style)
+  resize_mode        "resize" | "pad" | "crop" (see vlm_jax.data.preprocess)
+  packing            several records per row, with segment_ids / positions per record
+  truncate           cut over-long records instead of skipping them
+  seed               shuffling seed
+  shuffle            global shuffle (False: records in source order)
+  num_epochs         None: repeat forever; N: stop after N passes (last batch padded)
+  chat_template      {user, assistant, separator, system, caption_prompt}
+  tokens_per_image   image tokens per image (None: from the model config or argument)
+  image_token_id     (None: the tokenizer's "<image>" id, or the model config's)
+  num_threads        grain reader threads (decode + tokenise in parallel)
+  prefetch           records read ahead
+  source             (optional) "pipeline"; the train loop's switch to synthetic batches
+Given a model config (`from_config(data, model)`), image_size, tokens_per_image,
+image_token_id and normalization left None are taken from its vision tower.
+
+Multi-host: every process builds its own Pipeline (process_index / process_count default
+to jax's) and yields its global_batch_size / process_count rows; its state is its own, to be
+saved per process.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import zlib
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from vlm_jax.data import schema
+from vlm_jax.data.preprocess import MODES, NORMALIZATIONS, BadRecord, decode_image, preprocess_image
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+SKIP_REASONS = ("undecodable_image", "missing_image", "image_count_mismatch", "empty_target",
+                "too_long", "too_many_images", "malformed_record", "unreadable_record",
+                "processing_error")
+_MAX_SKIP_WARNINGS = 5  # per reason
+
+
+# --- Chat template and text encoding -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """How conversation turns become text (see the module docstring)."""
+  user: str = "USER: {content}\nASSISTANT:"
+  assistant: str = " {content}"
+  separator: str = "\n"
+  system: str = ""
+  caption_prompt: str = ""
+
+  def __post_init__(self):
+    for name in ("user", "assistant"):
+      if getattr(self, name).count("{content}") != 1:
+        raise ValueError(f"chat template `{name}` must hold '{{content}}' exactly once, "
+                         f"got {getattr(self, name)!r}")
+
+  @classmethod
+  def make(cls, template: Union[None, "ChatTemplate", Mapping[str, str]]) -> "ChatTemplate":
+    if template is None:
+      return cls()
+    if isinstance(template, cls):
+      return template
+    fields = template.to_dict() if hasattr(template, "to_dict") else dict(template)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"unknown chat template key(s) {unknown}; known: {sorted(known)}")
+    return cls(**fields)
+
+
+class TextEncoder:
+  """Encodes text pieces with no special tokens added; safe to call from several threads.
+
+  Wraps a Hugging Face tokenizer: a fast one is used through its `tokenizers`
+  backend (a copy without truncation or padding if the original has any).
+  """
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.bos_id = tokenizer.bos_token_id
+    self.eos_id = tokenizer.eos_token_id
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if self.eos_id is None:
+      raise ValueError("the tokenizer has no EOS token; the pipeline needs one to end targets")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and (backend.truncation is not None or backend.padding is not None):
+      from tokenizers import Tokenizer
+      backend = Tokenizer.from_str(backend.to_str())
+      backend.no_truncation()
+      backend.no_padding()
+    self._backend = backend
+
+  def encode(self, texts: Sequence[str]) -> list[list[int]]:
+    if self._backend is not None:
+      return [self._backend.encode(t, add_special_tokens=False).ids if t else [] for t in texts]
+    return [self.tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
+
+
+# --- Records ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Record:
+  """A schema record with text decoded: turns as (role, content) pairs, images still encoded."""
+  id: str
+  kind: str
+  images: list
+  turns: list[tuple[str, str]]
+  meta: str = ""
+
+
+def _text(x) -> str:
+  if isinstance(x, bytes):
+    return x.decode("utf-8")
+  if isinstance(x, np.ndarray) and x.ndim == 0:
+    return _text(x.item())
+  return "" if x is None else str(x)
+
+
+def parse_record(record: Union[Record, Mapping[str, Any]]) -> Record:
+  """A record as TFDS decodes it (bytes, turns as a dict of lists) or as plain Python
+  (str, turns as a list of {role, content}) -> Record."""
+  if isinstance(record, Record):
+    return record
+  turns = record.get("turns", [])
+  if isinstance(turns, Mapping):
+    roles, contents = list(turns.get("role", [])), list(turns.get("content", []))
+    if len(roles) != len(contents):
+      raise BadRecord("malformed_record", f"{len(roles)} roles but {len(contents)} contents")
+    pairs = [(_text(r), _text(c)) for r, c in zip(roles, contents)]
+  else:
+    pairs = [(_text(t["role"]), _text(t["content"])) for t in turns]
+  images = record.get("images", [])
+  images = [] if images is None else list(images)
+  return Record(id=_text(record.get("id", "")), kind=_text(record.get("kind", "")), images=images,
+                turns=pairs, meta=_text(record.get("meta", "")))
+
+
+# --- Rendering --------------------------------------------------------------
+
+_BOS, _EOS, _IMG, _TXT = range(4)
+
+
+def _with_images(segments: list, text: str, target: bool) -> int:
+  """Appends `text` split at "<image>" placeholders; returns the number of placeholders."""
+  parts = text.split(schema.IMAGE_PLACEHOLDER)
+  for j, part in enumerate(parts):
+    if j:
+      segments.append((_IMG, None, False))
+    if part:
+      segments.append((_TXT, part, target))
+  return len(parts) - 1
+
+
+def _segments(rec: Record, template: ChatTemplate) -> tuple[list, int]:
+  """Record -> [(kind, text, is_target)], number of image placeholders."""
+  if rec.kind not in schema.KINDS:
+    raise BadRecord("malformed_record", f"unknown kind {rec.kind!r}")
+  if not rec.turns:
+    raise BadRecord("malformed_record", "no turns")
+  for role, content in rec.turns:
+    if role not in schema.ROLES:
+      raise BadRecord("malformed_record", f"unknown role {role!r}")
+    if role == "assistant" and schema.IMAGE_PLACEHOLDER in content:
+      raise BadRecord("malformed_record", "<image> in an assistant turn")
+    if role == "assistant" and not content.strip():
+      raise BadRecord("empty_target", "empty assistant turn" if rec.kind != "caption" else "empty caption")
+    if role == "text" and not content.replace(schema.IMAGE_PLACEHOLDER, "").strip():
+      raise BadRecord("empty_target", "text turn without text")
+
+  segs: list = [(_BOS, None, False)]
+  n = 0
+  if rec.kind == "caption":
+    answers = [c for r, c in rec.turns if r == "assistant"]
+    if len(answers) != 1 or any(r == "text" for r, _ in rec.turns):
+      raise BadRecord("malformed_record", "a caption record needs user turn(s) and one assistant turn")
+    for role, content in rec.turns:
+      if role == "user":
+        n += _with_images(segs, content, False)
+      else:
+        if template.caption_prompt:
+          segs.append((_TXT, template.caption_prompt, False))
+        segs.append((_TXT, content, True))
+        segs.append((_EOS, None, True))
+    return segs, n
+
+  if template.system:
+    segs.append((_TXT, template.system, False))
+  u_before, u_after = template.user.split("{content}")
+  a_before, a_after = template.assistant.split("{content}")
+  previous = None
+  for role, content in rec.turns:
+    if role == "user":
+      if previous == "assistant" and template.separator:
+        segs.append((_TXT, template.separator, False))
+      if u_before:
+        segs.append((_TXT, u_before, False))
+      n += _with_images(segs, content, False)
+      if u_after:
+        segs.append((_TXT, u_after, False))
+    elif role == "assistant":
+      segs.append((_TXT, a_before + content + a_after, True))
+      segs.append((_EOS, None, True))
+    else:  # text
+      n += _with_images(segs, content, True)
+    previous = role
+  if previous == "text":
+    segs.append((_EOS, None, True))
+  return segs, n
+
+
+def render(record, tokenizer, tokens_per_image: int, image_token_id: int,
+           chat_template: Union[None, ChatTemplate, Mapping[str, str]] = None
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+  """One record -> (input_ids int32 [n], loss_mask float32 [n], num_images).
+
+  `tokenizer`: a Hugging Face tokenizer (or a TextEncoder). Placeholders are
+  expanded to `tokens_per_image` copies of `image_token_id`; loss_mask is 1
+  exactly on target tokens (see the module docstring). Raises BadRecord when
+  the record is malformed, has an empty target, or its placeholders do not match
+  its images.
+  """
+  rec = parse_record(record)
+  enc = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(tokenizer)
+  segs, n_placeholders = _segments(rec, ChatTemplate.make(chat_template))
+  if rec.kind == "caption" and not rec.images:
+    raise BadRecord("missing_image", "caption record without an image")
+  if n_placeholders != len(rec.images):
+    raise BadRecord("image_count_mismatch",
+                    f"{n_placeholders} <image> placeholder(s) but {len(rec.images)} image(s)")
+  encoded = iter(enc.encode([text for kind, text, _ in segs if kind == _TXT]))
+  ids: list[int] = []
+  mask: list[float] = []
+  for kind, _, target in segs:
+    if kind == _TXT:
+      piece = next(encoded)
+    elif kind == _IMG:
+      ids.extend([image_token_id] * tokens_per_image)
+      mask.extend([0.0] * tokens_per_image)
+      continue
+    elif kind == _BOS:
+      if enc.bos_id is None:
+        continue
+      piece = [enc.bos_id]
+    else:
+      piece = [enc.eos_id]
+    ids.extend(piece)
+    mask.extend([1.0 if target else 0.0] * len(piece))
+  if not any(mask):
+    raise BadRecord("empty_target", "no target tokens")
+  return np.asarray(ids, np.int32), np.asarray(mask, np.float32), n_placeholders
+
+
+def truncate_tokens(ids: np.ndarray, mask: np.ndarray, seq_len: int, image_token_id: int,
+                    tokens_per_image: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Cuts a rendered record to at most seq_len tokens, never inside an image's token run.
+
+  Returns (ids, mask, images kept). Raises BadRecord("too_long") if no target survives.
+  """
+  cut = seq_len
+  starts = np.flatnonzero(ids == image_token_id)[::tokens_per_image]  # image k starts here
+  inside = starts[(starts < cut) & (starts + tokens_per_image > cut)]
+  if inside.size:
+    cut = int(inside[0])
+  ids, mask = ids[:cut], mask[:cut]
+  if not mask.any():
+    raise BadRecord("too_long", f"no target token in the first {seq_len} tokens")
+  return ids, mask, int(np.sum(starts + tokens_per_image <= cut))
+
+
+# --- Sources ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One data set of the mixture.
+
+  name: a TFDS builder name (`tfds.builder(name, data_dir=...)`), or a label when
+  `builder` or `data_source` is given (`builder` may also be given as a name). builder: a TFDS builder object, already
+  prepared (array_record). data_source: any random-access sequence of records
+  (`len` and `[i]`), e.g. `builder.as_data_source()[split]`.
+  """
+  name: str = ""
+  split: str = "train"
+  weight: float = 1.0
+  data_dir: Optional[str] = None
+  builder: Any = None
+  data_source: Any = None
+
+  def __post_init__(self):
+    if isinstance(self.builder, str):  # config files may say builder: NAME
+      if self.name and self.name != self.builder:
+        raise ValueError(f"source gives both name {self.name!r} and builder {self.builder!r}")
+      object.__setattr__(self, "name", self.builder)
+      object.__setattr__(self, "builder", None)
+    if not self.name and self.builder is None and self.data_source is None:
+      raise ValueError("a source needs a name (TFDS builder), a builder or a data_source")
+
+  @property
+  def label(self) -> str:
+    name = self.name or (getattr(self.builder, "name", "") if self.builder is not None else "") or "source"
+    return f"{name}:{self.split}"
+
+
+def _raw_images_decoder():
+  """A TFDS decoder leaving images encoded: the pipeline decodes them itself, so that a
+  corrupt image skips its record instead of failing the read."""
+  import tensorflow_datasets as tfds
+
+  class RawImages(tfds.decode.Decoder):
+    def decode_example(self, serialized):
+      return serialized
+
+    def decode_example_np(self, serialized):
+      return serialized
+
+    def decode_batch_example(self, serialized):
+      return serialized
+
+    def decode_batch_example_np(self, serialized):
+      return list(serialized)
+
+  return RawImages()
+
+
+def open_source(source: Source, data_dir: Optional[str] = None):
+  """Source -> a random-access sequence of records."""
+  if source.data_source is not None:
+    return source.data_source
+  builder = source.builder
+  if builder is None:
+    import tensorflow_datasets as tfds
+    try:  # registers the project's builders with TFDS, if they are there
+      import vlm_jax.data.builders  # noqa: F401  pylint: disable=unused-import
+    except ImportError:
+      pass
+    builder = tfds.builder(source.name, data_dir=source.data_dir or data_dir)
+    if hasattr(builder, "is_prepared") and not builder.is_prepared():
+      raise FileNotFoundError(f"TFDS data set {source.name} is not prepared in {builder.data_dir}: "
+                              f"build it first (builder.download_and_prepare() or `tfds build`)")
+  formats = getattr(builder.info, "file_format", None)
+  if formats is not None and "array_record" not in str(formats).lower():
+    raise ValueError(f"{source.label}: prepared as {formats}; the pipeline reads by random access: "
+                     f"prepare it with file_format='array_record'")
+  try:
+    return builder.as_data_source(split=source.split, decoders={"images": _raw_images_decoder()})
+  except (KeyError, ValueError, TypeError):  # no `images` feature: decode as the builder does
+    return builder.as_data_source(split=source.split)
+
+
+def _source_seed(seed: int, label: str) -> int:
+  return int(np.random.SeedSequence([seed, zlib.crc32(label.encode())]).generate_state(1)[0])
+
+
+# --- Elements of the processed stream ------------------------------------------
+
+
+@dataclasses.dataclass
+class _Example:
+  index: int
+  id: str
+  ids: np.ndarray
+  mask: np.ndarray
+  images: list
+
+
+@dataclasses.dataclass
+class _Skip:
+  index: int
+  reason: str
+  detail: str
+  id: str
+  source: str
+
+
+# --- Pipeline ---------------------------------------------------------------
+
+
+def default_config():
+  """The `data` block with every key (see the module docstring)."""
+  import ml_collections
+  from ml_collections.config_dict import placeholder
+
+  t = ChatTemplate()
+  return ml_collections.ConfigDict(dict(
+      sources=[dict(name="shapes_world", split="train", weight=1.0)],
+      data_dir=placeholder(str),
+      tokenizer="",
+      global_batch_size=32,
+      seq_len=256,
+      image_slots=1,
+      image_size=placeholder(int),
+      normalization=placeholder(str),
+      resize_mode="resize",
+      packing=False,
+      truncate=False,
+      seed=0,
+      shuffle=True,
+      num_epochs=placeholder(int),
+      chat_template=dataclasses.asdict(t),
+      tokens_per_image=placeholder(int),
+      image_token_id=placeholder(int),
+      num_threads=4,
+      prefetch=64,
+  ))
+
+
+def vision_settings(model) -> dict[str, Any]:
+  """A VLM config (VLMConfig, or the `model` ConfigDict / dict of kind "vlm") ->
+  {image_size, tokens_per_image, image_token_id, normalization} for the pipeline
+  ({} for a model without a vision tower)."""
+  if isinstance(model, Mapping) or hasattr(model, "to_dict"):
+    from vlm_jax.models.build import config_from_dict  # lazily: data does not need the models
+    _, model = config_from_dict(model)
+  if not hasattr(model, "tokens_per_image"):  # a language model alone: no images
+    return {}
+  return dict(image_size=model.vision.image_size, tokens_per_image=model.tokens_per_image,
+              image_token_id=model.image_token_id,
+              normalization="siglip" if model.vision.style == "siglip" else "clip")
+
+
+class Pipeline:
+  """The input pipeline of one host (see the module docstring).
+
+  Iterate it (`iter(pipe)`, or `pipe.iterator(state)` to resume) for batches of
+  `pipe.batch_size` = global_batch_size / process_count rows.
+  """
+
+  def __init__(self, sources: Sequence[Union[Source, Mapping[str, Any]]], tokenizer, *,
+               global_batch_size: int, seq_len: int, tokens_per_image: int,
+               image_token_id: Optional[int] = None, image_slots: int = 1, image_size: int = 224,
+               normalization: str = "clip", resize_mode: str = "resize", packing: bool = False,
+               truncate: bool = False, seed: int = 0, shuffle: bool = True,
+               num_epochs: Optional[int] = None,
+               chat_template: Union[None, ChatTemplate, Mapping[str, str]] = None,
+               num_threads: int = 4, prefetch: int = 64, data_dir: Optional[str] = None,
+               process_index: Optional[int] = None, process_count: Optional[int] = None):
+    import grain
+
+    if process_index is None or process_count is None:
+      import jax
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch_size % process_count:
+      raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                       f"process_count {process_count}")
+    if normalization not in NORMALIZATIONS:
+      raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}")
+    if resize_mode not in MODES:
+      raise ValueError(f"resize_mode must be one of {MODES}, got {resize_mode!r}")
+    for name, value in (("seq_len", seq_len), ("tokens_per_image", tokens_per_image),
+                        ("global_batch_size", global_batch_size), ("image_size", image_size)):
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if image_slots < 0:
+      raise ValueError(f"image_slots must be >= 0, got {image_slots}")
+    if num_epochs is not None and num_epochs <= 0:
+      raise ValueError(f"num_epochs must be None (forever) or positive, got {num_epochs}")
+
+    self.sources = [s if isinstance(s, Source) else Source(**dict(s)) for s in sources]
+    if not self.sources:
+      raise ValueError("no data sources")
+    labels = [s.label for s in self.sources]
+    if len(set(labels)) != len(labels):
+      raise ValueError(f"sources must differ by name:split, got {labels}")
+    weights = [float(s.weight) for s in self.sources]
+    if any(w <= 0 for w in weights):
+      raise ValueError(f"source weights must be positive, got {dict(zip(labels, weights))}")
+
+    self.tokenizer = tokenizer
+    self.encoder = TextEncoder(tokenizer)
+    if image_token_id is None:
+      image_token_id = tokenizer.get_vocab().get(schema.IMAGE_PLACEHOLDER)
+      if image_token_id is None:
+        raise ValueError("image_token_id not given and the tokenizer has no '<image>' token "
+                         "(use vlm_jax.data.tokenizer.load_tokenizer, which adds it)")
+    self.image_token_id = int(image_token_id)
+    self.tokens_per_image = int(tokens_per_image)
+    self.seq_len = int(seq_len)
+    self.image_slots = int(image_slots)
+    self.image_size = int(image_size)
+    self.normalization = normalization
+    self.resize_mode = resize_mode
+    self.packing = bool(packing)
+    self.truncate = bool(truncate)
+    self.seed = int(seed)
+    self.shuffle = bool(shuffle)
+    self.num_epochs = num_epochs
+    self.chat_template = ChatTemplate.make(chat_template)
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.global_batch_size = int(global_batch_size)
+    self.batch_size = self.global_batch_size // self.process_count
+    self.read_options = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
+
+    self.data_sources = [open_source(s, data_dir) for s in self.sources]
+    parts = []
+    for k, (src, ds) in enumerate(zip(self.sources, self.data_sources)):
+      idx = grain.MapDataset.range(len(ds))[self.process_index::self.process_count]
+      if len(idx) == 0:
+        raise ValueError(f"source {src.label} has {len(ds)} records: none for process "
+                         f"{self.process_index} of {self.process_count}")
+      if self.shuffle:
+        idx = idx.shuffle(seed=_source_seed(self.seed, src.label))
+      idx = idx.repeat(num_epochs).map(functools.partial(_tag, k))
+      parts.append(idx)
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    self.dataset = mixed.map_with_index(self._process)
+    self.fingerprint = json.loads(json.dumps(dict(
+        sources=[[s.label, float(s.weight), len(ds)] for s, ds in zip(self.sources, self.data_sources)],
+        seed=self.seed, shuffle=self.shuffle, num_epochs=num_epochs,
+        process_index=self.process_index, process_count=self.process_count,
+        batch_size=self.batch_size, seq_len=self.seq_len, packing=self.packing, truncate=self.truncate,
+        image_slots=self.image_slots, tokens_per_image=self.tokens_per_image,
+        image_token_id=self.image_token_id, chat_template=dataclasses.asdict(self.chat_template))))
+
+  @classmethod
+  def from_config(cls, config, tokenizer=None, *, model=None, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None, **overrides) -> "Pipeline":
+    """From the `data` ConfigDict (or dict; keys in the module docstring).
+
+    tokenizer: a Hugging Face tokenizer, else `config.tokenizer` is loaded.
+    model: the VLM config (or `model` block): fills image_size, tokens_per_image,
+    image_token_id and normalization where the data config leaves them None.
+    overrides: keyword arguments of Pipeline that win over the config.
+    """
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    known = set(default_config().keys()) | {"source"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+      raise ValueError(f"unknown key(s) {unknown} in the data config; known: {sorted(known)}")
+    if cfg.pop("source", "pipeline") != "pipeline":
+      raise ValueError(f"data.source is {config['source']!r}; this builds the 'pipeline' source")
+    cfg = {**default_config().to_dict(), **cfg}
+    if model is not None:
+      for key, value in vision_settings(model).items():
+        if cfg.get(key) is None:
+          cfg[key] = value
+    cfg.update(overrides)
+    if tokenizer is None:
+      if not cfg["tokenizer"]:
+        raise ValueError("no tokenizer passed and data.tokenizer (a tokenizer folder) is empty")
+      from vlm_jax.data.tokenizer import load_tokenizer
+      tokenizer, image_id = load_tokenizer(cfg["tokenizer"])
+      if cfg.get("image_token_id") is None and cfg["image_slots"]:
+        cfg["image_token_id"] = image_id
+    if not cfg["image_slots"]:  # text only: records with images are skipped (too_many_images)
+      cfg["tokens_per_image"] = cfg.get("tokens_per_image") or 1
+      if cfg.get("image_token_id") is None and schema.IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        cfg["image_token_id"] = -1
+    if cfg.get("tokens_per_image") is None:
+      raise ValueError("tokens_per_image unknown: set data.tokens_per_image or pass model=")
+    cfg.pop("tokenizer")
+    cfg["image_size"] = cfg["image_size"] or 224
+    cfg["normalization"] = cfg["normalization"] or "clip"
+    sources = [Source(**dict(s)) if not isinstance(s, Source) else s for s in cfg.pop("sources")]
+    return cls(sources, tokenizer, process_index=process_index, process_count=process_count, **cfg)
+
+  # -- per-record processing (runs in grain's reader threads) --
+
+  def _process(self, index: int, pair: tuple[int, int]):
+    k, i = pair
+    label = self.sources[k].label
+    try:
+      raw = self.data_sources[k][i]
+    except Exception as e:  # pylint: disable=broad-except
+      return _Skip(index, "unreadable_record", f"{label}[{i}]: {type(e).__name__}: {e}", "", label)
+    rid = ""
+    try:
+      rec = parse_record(raw)
+      rid = rec.id
+      return self._example(index, rec)
+    except BadRecord as e:
+      return _Skip(index, e.reason, e.detail, rid, label)
+    except Exception as e:  # pylint: disable=broad-except
+      log.exception("error while processing record %r (%s[%d])", rid, label, i)
+      return _Skip(index, "processing_error", f"{type(e).__name__}: {e}", rid, label)
+
+  def _example(self, index: int, rec: Record) -> _Example:
+    ids, mask, n_images = render(rec, self.encoder, self.tokens_per_image, self.image_token_id,
+                                 self.chat_template)
+    if len(ids) > self.seq_len:
+      if not self.truncate:
+        raise BadRecord("too_long", f"{len(ids)} tokens > seq_len {self.seq_len}")
+      ids, mask, n_images = truncate_tokens(ids, mask, self.seq_len, self.image_token_id,
+                                            self.tokens_per_image)
+    if n_images > self.image_slots:
+      raise BadRecord("too_many_images", f"{n_images} images > {self.image_slots} image slots")
+    images = [preprocess_image(decode_image(rec.images[j]), self.image_size, self.resize_mode,
+                               self.normalization) for j in range(n_images)]
+    return _Example(index, rec.id, ids, mask, images)
+
+  # -- iteration --
+
+  def iterator(self, state: Optional[Mapping[str, Any]] = None) -> "PipelineIterator":
+    return PipelineIterator(self, state)
+
+  def __iter__(self) -> "PipelineIterator":
+    return self.iterator()
+
+  def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of a batch (device keys), e.g. for jax.ShapeDtypeStruct."""
+    b, l, m, s = self.batch_size, self.seq_len, self.image_slots, self.image_size
+    return {"input_ids": ((b, l), np.dtype(np.int32)), "loss_mask": ((b, l), np.dtype(np.float32)),
+            "attention_mask": ((b, l), np.dtype(np.int32)), "positions": ((b, l), np.dtype(np.int32)),
+            "segment_ids": ((b, l), np.dtype(np.int32)),
+            "images": ((b, m, s, s, 3), np.dtype(np.float32))}
+
+
+def _tag(k: int, i) -> tuple[int, int]:
+  return k, int(i)
+
+
+def from_config(config, model=None, *, tokenizer=None, state: Optional[Mapping[str, Any]] = None,
+                process_index: Optional[int] = None, process_count: Optional[int] = None,
+                **overrides) -> "PipelineIterator":
+  """The iterator of `Pipeline.from_config(config, tokenizer, model=model, ...)`, resumed
+  from `state` if given (what the train loop calls: `from_config(config.data, model.config,
+  seed=config.seed)`)."""
+  pipe = Pipeline.from_config(config, tokenizer, model=model, process_index=process_index,
+                              process_count=process_count, **overrides)
+  return pipe.iterator(state)
+
+
+make_iterator = from_config
+
+
+class PipelineIterator:
+  """Yields batches (schema.py format); `get_state()` / `set_state()` resume exactly."""
+
+  def __init__(self, pipeline: Pipeline, state: Optional[Mapping[str, Any]] = None):
+    self.pipeline = pipeline
+    self._it = pipeline.dataset.to_iter_dataset(pipeline.read_options).__iter__()
+    self._next_index = 0      # stream position of the next element the grain iterator yields
+    self._pending: Optional[_Example] = None  # read but did not fit the last batch's last row
+    self._skipped: collections.Counter = collections.Counter()
+    self._batches = 0
+    if state is not None:
+      self.set_state(state)
+
+  # -- state --
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable state: restoring it (here or in a new iterator over the same
+    config) yields exactly the batches this iterator would yield next."""
+    position = self._pending.index if self._pending is not None else self._next_index
+    return {"version": STATE_VERSION, "next_index": int(position), "batches": self._batches,
+            "skipped": dict(sorted(self._skipped.items())), "fingerprint": self.pipeline.fingerprint}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if isinstance(state, (str, bytes)):
+      state = json.loads(state)
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')!r}; "
+                       f"this code reads version {STATE_VERSION}")
+    saved, current = state.get("fingerprint", {}), self.pipeline.fingerprint
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+      detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
+      raise ValueError(f"the data iterator state belongs to a different pipeline ({detail}); "
+                       f"an exact resume needs the same data config, process index and count")
+    self._it.set_state({"next_index": int(state["next_index"])})
+    self._next_index = int(state["next_index"])
+    self._pending = None
+    self._skipped = collections.Counter(state.get("skipped", {}))
+    self._batches = int(state.get("batches", 0))
+
+  def skipped(self) -> dict[str, int]:
+    """Records skipped so far, by reason (cumulative across restores)."""
+    return dict(sorted(self._skipped.items()))
+
+  # -- examples --
+
+  def _next_example(self) -> Optional[_Example]:
+    if self._pending is not None:
+      ex, self._pending = self._pending, None
+      return ex
+    while True:
+      try:
+        el = next(self._it)
+      except StopIteration:
+        return None
+      if el.index != self._next_index:  # grain yields every index, in order
+        raise RuntimeError(f"input stream out of order: got {el.index}, expected {self._next_index}")
+      self._next_index = el.index + 1
+      if isinstance(el, _Skip):
+        self._skipped[el.reason] += 1
+        if self._skipped[el.reason] <= _MAX_SKIP_WARNINGS:
+          log.warning("skipping record %r of %s: %s %s%s", el.id, el.source, el.reason, el.detail,
+                      " (further ones of this reason are only counted)"
+                      if self._skipped[el.reason] == _MAX_SKIP_WARNINGS else "")
+        continue
+      return el
+
+  def _rows(self) -> list[list[_Example]]:
+    p = self.pipeline
+    rows: list[list[_Example]] = []
+    if not p.packing:
+      while len(rows) < p.batch_size:
+        ex = self._next_example()
+        if ex is None:
+          break
+        rows.append([ex])
+      return rows
+    row: list[_Example] = []
+    length = n_images = 0
+    while True:
+      ex = self._next_example()
+      if ex is None:
+        break
+      if row and (length + len(ex.ids) > p.seq_len or n_images + len(ex.images) > p.image_slots):
+        rows.append(row)
+        row, length, n_images = [], 0, 0
+        if len(rows) == p.batch_size:
+          self._pending = ex
+          return rows
+      row.append(ex)
+      length += len(ex.ids)
+      n_images += len(ex.images)
+      if length == p.seq_len:
+        rows.append(row)
+        row, length, n_images = [], 0, 0
+        if len(rows) == p.batch_size:
+          return rows
+    if row:
+      rows.append(row)
+    return rows
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    p = self.pipeline
+    rows = self._rows()
+    if not rows:
+      raise StopIteration
+    b, l, m, s = p.batch_size, p.seq_len, p.image_slots, p.image_size
+    batch = {
+        "input_ids": np.full((b, l), p.encoder.pad_id, np.int32),
+        "loss_mask": np.zeros((b, l), np.float32),
+        "attention_mask": np.zeros((b, l), np.int32),
+        "positions": np.zeros((b, l), np.int32),
+        "segment_ids": np.zeros((b, l), np.int32),
+        "images": np.zeros((b, m, s, s, 3), np.float32),
+    }
+    ids = [""] * b
+    for r, row in enumerate(rows):
+      start = slot = 0
+      for seg, ex in enumerate(row, start=1):
+        n = len(ex.ids)
+        batch["input_ids"][r, start:start + n] = ex.ids
+        batch["loss_mask"][r, start:start + n] = ex.mask
+        batch["positions"][r, start:start + n] = np.arange(n, dtype=np.int32)
+        batch["segment_ids"][r, start:start + n] = seg
+        for img in ex.images:
+          batch["images"][r, slot] = img
+          slot += 1
+        start += n
+      batch["attention_mask"][r, :start] = 1
+      ids[r] = ",".join(ex.id for ex in row)
+    batch["id"] = np.asarray(ids, dtype=str)
+    self._batches += 1
+    return batch
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()

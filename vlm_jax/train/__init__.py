@@ -1,0 +1,1 @@
+"""Training: optimiser and parameter groups, the pure train step, checkpoints and the loop."""

@@ -1,0 +1,83 @@
+"""Orbax checkpoints: parameters, the rest of the train state, and the data iterator.
+
+Three items per step: `params` (alone, so a later stage or an export can read
+just them), `train` (step, optimiser state, RNG) and `data` (the input
+iterator's JSON state, so a resumed run sees exactly the next batch).
+A checkpoint that cannot be read (its write was cut off) is skipped in favour
+of the newest one that can.
+"""
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("params", "train", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
+                                             create=True))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, params: Any, train: Any, data_state: dict, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+        data=ocp.args.JsonSave(data_state)), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_params: Any, abstract_train: Any) -> Optional[tuple[int, Any, Any, dict]]:
+    """(step, params, train, data_state) of the newest readable checkpoint, or None.
+
+    The abstract trees carry the target shardings: restoring onto another mesh works.
+    """
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params), train=ocp.args.StandardRestore(abstract_train),
+            data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 — any unreadable checkpoint is skipped, loudly
+        log.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
+                    step, self.directory, type(e).__name__, e)
+        continue
+      return step, restored.params, restored.train, dict(restored.data)
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
+  """Only the parameters of a run's checkpoint (the latest by default): how a stage starts from the last."""
+  directory = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data"))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory!r}")
+  step = steps[-1] if step is None else step
+  try:
+    return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+  except ValueError as e:
+    raise ValueError(f"the checkpoint {directory}/{step} does not fit this model "
+                     f"(a checkpoint of another model?): {e}") from e
+  finally:
+    manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs with shardings: what Orbax restores into."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
