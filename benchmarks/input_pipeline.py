@@ -7,7 +7,8 @@
 
 Data: by default a TFDS builder defined here stores `--records` shapes-world records
 (`vlm_jax.data.shapes_world.records`: captions, VQA, region questions, interleaved
-documents of 2-3 images, text QA, mixed evenly) rendered at `--image-size` px as PNG,
+documents of 2-3 images, text QA, mixed evenly) rendered at `--stored-size` px (default
+`--image-size`, 224) as PNG,
 in array_record; `--builder NAME` reads an already prepared TFDS builder instead. The
 tokenizer is the shapes world's byte-level BPE (vocab 512, trained in a few seconds).
 
@@ -35,6 +36,7 @@ import io
 import json
 import logging
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -51,7 +53,9 @@ TASKS = ("caption", "vqa", "region", "interleaved", "text_qa")
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument("--image-size", type=int, default=224, help="side of the stored and the preprocessed images")
+  p.add_argument("--image-size", type=int, default=224, help="side of the preprocessed images")
+  p.add_argument("--stored-size", type=int, default=0,
+                 help="side of the stored images (default: --image-size; another size adds a bicubic resize)")
   p.add_argument("--records", type=int, default=400, help="records to generate (default builder)")
   p.add_argument("--builder", default="", help="benchmark this prepared TFDS builder (name) instead")
   p.add_argument("--split", default="train")
@@ -180,20 +184,28 @@ def main(argv=None):
   logging.basicConfig(level=logging.ERROR)
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
+  work = tempfile.mkdtemp(prefix="pipeline_bench_")
+  try:
+    return _run(args, work)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)  # the generated data and tokenizer (not --data-dir's)
+
+
+def _run(args, work):
   from vlm_jax.data import pipeline
   from vlm_jax.data import tokenizer as tokenizers_lib
 
-  work = tempfile.mkdtemp(prefix="pipeline_bench_")
   data_dir = args.data_dir or os.path.join(work, "tfds")
   t = time.perf_counter()
   if args.builder:
     source = pipeline.Source(args.builder, split=args.split, data_dir=data_dir)
     what = f"TFDS builder {args.builder}:{args.split}"
   else:
-    records = shapes_records(args.records, args.image_size)
-    builder = make_builder(records, data_dir)
+    stored = args.stored_size or args.image_size
+    records = shapes_records(args.records, stored)
+    builder = make_builder(records, os.path.join(data_dir, f"px{stored}"))
     source = pipeline.Source("shapes_world_bench", split="train", builder=builder)
-    what = f"{args.records} shapes-world records ({', '.join(TASKS)}) at {args.image_size} px, PNG"
+    what = f"{args.records} shapes-world records ({', '.join(TASKS)}) stored at {stored} px, PNG"
   t_data = time.perf_counter() - t
   t = time.perf_counter()
   tok = tokenizers_lib.shapes_world_tokenizer(os.path.join(work, "tokenizer"), vocab_size=512,
