@@ -48,6 +48,12 @@ def _train(config, workdir):
   train(config, workdir)
 
 
+@job("vila")
+def _vila(config, workdir):
+  from vlm_jax.train.vila import run
+  run(config, workdir)
+
+
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
