@@ -54,6 +54,12 @@ def _vila(config, workdir):
   run(config, workdir)
 
 
+@job("soup")
+def _soup(config, workdir):
+  from vlm_jax.soups import run
+  run(config, workdir)
+
+
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,156 @@
+"""Model-soup throughput: GB of parameters averaged per second, next to memory-copy bandwidth.
+
+    .venv/bin/python benchmarks/soups.py                      # k=4 ingredients of ~110M float32 parameters
+    .venv/bin/python benchmarks/soups.py --k 8 --repeats 3
+    .venv/bin/python benchmarks/soups.py --dtype bfloat16 --json /tmp/soups.json
+
+The ingredients have the parameter tree of a LLaMA-style `vlm_jax.models.DecoderLM`
+(vocab 32000, width 768, 12 layers, MLP 2048, tied embeddings: ~110M parameters,
+~0.44 GB in float32), filled with random numbers and written as Orbax checkpoints by
+`vlm_jax.train.checkpoint.Checkpointer` (items params / train / data, as a training
+run writes them) in a temporary directory. Measured, in the same run:
+  memcpy            NumPy `copyto` of one model-sized float32 array into another
+                    (bytes copied per second; the copy reads and writes each byte once)
+  load              `vlm_jax.soups.load(dtype=None)` of each ingredient from its checkpoint
+  add (in memory)   `vlm_jax.soups.uniform_soup` of ingredients already in memory: the float32
+                    adds and the final division only
+  uniform soup      `vlm_jax.soups.uniform_soup` of the checkpoint paths: load one
+                    ingredient, add it into the float32 sum, drop it; the real workload
+GB/s is (k x the model's stored bytes) / seconds, i.e. GB of parameters averaged per second
+(for memcpy: bytes copied per second). The checkpoints were just written, so they are read
+from the page cache, not the disk. Timings are the median of `--repeats`; on a shared
+2-core machine expect +-20% (see /work/shared/ENV-NOTES.md).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import logging
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import numpy as np
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("--k", type=int, default=4, help="number of ingredients (default 4)")
+  p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the LM tree (default 32000)")
+  p.add_argument("--width", type=int, default=768, help="embedding width (default 768)")
+  p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
+  p.add_argument("--mlp", type=int, default=2048, help="MLP width (default 2048)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="stored dtype of the ingredients (the soup is float32 either way)")
+  p.add_argument("--repeats", type=int, default=2, help="timed repetitions of each measure (median)")
+  p.add_argument("--dir", default="", help="where to write the checkpoints (default: a temporary dir, removed)")
+  p.add_argument("--json", default="", help="also write the results here")
+  return p.parse_args(argv)
+
+
+def model_tree(args):
+  """Random parameters with the shapes of a DecoderLM (host NumPy arrays)."""
+  import jax
+  import ml_dtypes
+  from vlm_jax.models import DecoderLM, LMConfig
+  from vlm_jax.models.params import abstract_params
+  config = LMConfig(vocab_size=args.vocab, embed_dim=args.width, num_layers=args.layers,
+                    num_heads=args.width // 64, num_kv_heads=args.width // 64, head_dim=64,
+                    mlp_dim=args.mlp, tie_embeddings=True)
+  abstract = abstract_params(DecoderLM(config))
+  dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
+  def make(seed):
+    r = np.random.default_rng([seed, 1])
+    return jax.tree.map(lambda a: r.standard_normal(a.shape, dtype=np.float32).astype(dtype, copy=False),
+                        abstract)
+  return make, abstract
+
+
+def timed(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.WARNING)
+  for noisy in ("absl", "orbax", "vlm_jax.soups"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  import jax
+  from vlm_jax import soups
+  from vlm_jax.eval import report
+  from vlm_jax.models import count_params
+  from vlm_jax.train.checkpoint import Checkpointer
+
+  make, abstract = model_tree(args)
+  n = count_params(abstract)
+  itemsize = 2 if args.dtype == "bfloat16" else 4
+  model_gb = n * itemsize / 1e9
+  root = args.dir or tempfile.mkdtemp(prefix="soup_bench_")
+  print(f"{args.k} ingredients of {n / 1e6:.1f}M {args.dtype} parameters ({model_gb:.3f} GB each) in {root}; "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
+  try:
+    # --- Ingredients as Orbax checkpoints.
+    start = time.perf_counter()
+    paths = []
+    for i in range(args.k):
+      tree = make(i)
+      ckpt = Checkpointer(os.path.join(root, f"ft_{i}", "checkpoints"), keep=1, asynchronous=False)
+      ckpt.save(1, tree, {"step": np.asarray(1, np.int32)}, {})
+      ckpt.close()
+      paths.append(os.path.join(root, f"ft_{i}"))
+      del tree
+    write_s = time.perf_counter() - start
+    print(f"wrote {args.k} checkpoints in {write_s:.1f} s", flush=True)
+
+    # --- Memory-copy bandwidth on a model-sized array.
+    src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch the pages first
+    copy_s = timed(lambda: np.copyto(dst, src), max(3, args.repeats))
+    copy_gb = src.nbytes / 1e9
+    del src, dst
+
+    # --- The soup.
+    load_s = timed(lambda: [soups.load(p, dtype=None) for p in paths], args.repeats)
+    in_memory = [soups.load(p, dtype=None) for p in paths]
+    add_s = timed(lambda: soups.uniform_soup(in_memory), args.repeats)
+    del in_memory
+    soup_s = timed(lambda: soups.uniform_soup(paths), args.repeats)
+
+    total_gb = args.k * model_gb
+    rows = [
+        {"measure": "memcpy (NumPy copyto)", "GB": copy_gb, "seconds": copy_s, "GB/s": copy_gb / copy_s},
+        {"measure": f"load {args.k} checkpoints", "GB": total_gb, "seconds": load_s, "GB/s": total_gb / load_s},
+        {"measure": f"add {args.k} (in memory, float32)", "GB": total_gb, "seconds": add_s,
+         "GB/s": total_gb / add_s},
+        {"measure": f"uniform soup of {args.k} (streaming from Orbax)", "GB": total_gb, "seconds": soup_s,
+         "GB/s": total_gb / soup_s},
+    ]
+    report.print_table(rows, f"Soup throughput: {args.k} x {n / 1e6:.1f}M {args.dtype} parameters "
+                             f"(median of {args.repeats})")
+    print(f"uniform soup / memcpy bandwidth: {(total_gb / soup_s) / (copy_gb / copy_s):.2f}")
+    if args.json:
+      report.write_json(args.json, {"k": args.k, "params": n, "dtype": args.dtype, "rows": rows,
+                                    "write_seconds": write_s, "jax": jax.__version__})
+  finally:
+    if not args.dir:
+      shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
