@@ -5,7 +5,7 @@ r"""The main job: a tiny VLM through the three VILA stages on the shapes world, 
 Builds the shapes world (TFDS, in <workdir>/data) and its tokenizer, then runs
   stage 0  align      projector only        captions
   stage 1  pretrain   projector + LM        interleaved documents + captions, 1:1 by images
-  stage 2  joint SFT  projector + LM + ViT  VQA + region questions + text-only QA
+  stage 2  joint SFT  projector + LM + ViT  VQA + region questions + text-only QA (+ some captions)
 each starting from the previous stage's checkpoint, and evaluates after every
 stage (captioning, VQA by question type, region questions, text-only QA).
 `--config.total_steps=N` scales all stages; `:quick=True` is the scaled-down run the
@@ -45,7 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       stage1=stage(0.35, 2e-3, [("projector/.*", 1.0), ("lm/.*", 1.0), (".*", None)],
                    [("interleaved", 1.0), ("caption", 2.5), ("text_corpus", 0.5)]),
       stage2=stage(0.50, 1e-3, [(".*", 1.0)],  # VILA1.5 also trains the ViT in SFT
-                   [("vqa", 3.0), ("region", 1.0), ("text_qa", 1.0)]),
+                   [("vqa", 3.0), ("region", 1.0), ("text_qa", 1.0), ("caption", 0.5)]),
   ))
   c.seq_len = 128
   c.image_slots = 4

@@ -22,7 +22,7 @@ except `classes`, `min_objects` / `max_objects` (default 1 / 4)):
     caption      kind "caption"; one spatial relation when 2+ objects.
                  corruption_rate=0.0: exactly round(rate * num) records of the set, chosen
                  by a seeded permutation, carry the caption of another scene (meta
-                 corrupted=true).
+                 corrupted=true, caption_objects, true_caption).
     vqa          kind "conversation"; question types count, color, shape, size, spatial,
                  assigned round-robin (balanced exactly); qtypes=(...) restricts them.
     region       kind "conversation"; a white box around one object, drawn on the image
@@ -297,7 +297,8 @@ def _describe(rng, objects) -> str:
     return f"a {names[0]}"
   if len(objects) == 2:
     i, j, rel = _relation(rng, objects)
-    return f"a {names[i]} {_REL_PHRASE[rel]} a {names[j]}"
+    other = "another" if names[i] == names[j] else "a"
+    return f"a {names[i]} {_REL_PHRASE[rel]} {other} {names[j]}"
   order = rng.permutation(len(objects))
   return _join([f"a {names[k]}" for k in order])
 
@@ -310,14 +311,16 @@ def caption_text(rng, objects) -> str:
     t = ("a {}.", "a picture of a {}.", "a single {}.", "a {} on a grey background.")
     return t[rng.integers(len(t))].format(names[0])
   i, j, rel = _relation(rng, objects)
+  same = names[i] == names[j]
   if n == 2:
-    t = ("a {a} {r} a {b}.", "there is a {a} {r} a {b}.", "two shapes: a {a} {r} a {b}.")
-    return t[rng.integers(len(t))].format(a=names[i], b=names[j], r=_REL_PHRASE[rel])
+    b = ("another " if same else "a ") + names[j]
+    t = ("a {a} {r} {b}.", "there is a {a} {r} {b}.", "two shapes: a {a} {r} {b}.")
+    return t[rng.integers(len(t))].format(a=names[i], b=b, r=_REL_PHRASE[rel])
   listed = _join([f"a {names[k]}" for k in rng.permutation(n)])
-  t = ("{w} shapes: {l}. the {a} is {r} the {b}.", "a picture of {l}; the {a} is {r} the {b}.",
-       "there are {w} shapes, {l}. the {a} is {r} the {b}.")
-  return t[rng.integers(len(t))].format(w=_NUMBER_WORDS[n], l=listed, a=names[i], b=names[j],
-                                        r=_REL_PHRASE[rel])
+  a, b = (f"one {names[i]}", "the other") if same else (f"the {names[i]}", f"the {names[j]}")
+  t = ("{w} shapes: {l}. {a} is {r} {b}.", "a picture of {l}; {a} is {r} {b}.",
+       "there are {w} shapes, {l}. {a} is {r} {b}.")
+  return t[rng.integers(len(t))].format(w=_NUMBER_WORDS[n], l=listed, a=a, b=b, r=_REL_PHRASE[rel])
 
 
 _ATTR_SUBSETS = (("shape",), ("color",), ("size",), ("color", "shape"), ("size", "shape"), ("size", "color"),
@@ -359,26 +362,26 @@ def _caption(split, index, num, seed, image_size, opts, corrupted):
       if sorted(_name(o) for o in other) != true_names:
         break
     caption = caption_text(rng, other)
-    meta.update(corrupted=True, caption=caption, caption_objects=other)
+    meta.update(corrupted=True, caption=caption, caption_objects=other, true_caption=meta["caption"])
   turns = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": caption}]
   return _record("caption", split, index, "caption", [image], turns, meta)
 
 
-def _vqa_question(rng, objects, qtype):
+def _vqa_question(rng, objects, qtype, want=0):
   """(question, answer, target indices) or None when the scene cannot answer it unambiguously."""
   n = len(objects)
-  if qtype == "count":
-    form = rng.integers(3)
-    if form == 0:
-      q = ("how many shapes are there?", "how many objects are in the image?")[rng.integers(2)]
-      return q, str(n), list(range(n))
-    if form == 1:
-      shape = objects[rng.integers(n)]["shape"] if rng.random() < 0.7 else SHAPES[rng.integers(4)]
-      hits = [k for k, o in enumerate(objects) if o["shape"] == shape]
-      return f"how many {shape}s are there?", str(len(hits)), hits
-    color = objects[rng.integers(n)]["color"] if rng.random() < 0.7 else COLOR_NAMES[rng.integers(6)]
-    hits = [k for k, o in enumerate(objects) if o["color"] == color]
-    return f"how many {color} shapes are there?", str(len(hits)), hits
+  if qtype == "count":  # the answer `want` is drawn first, so answers 0..4 are balanced
+    forms = [[(q, list(range(n))) for q in ("how many shapes are there?", "how many objects are in the image?")],
+             [(f"how many {s}s are there?", [k for k, o in enumerate(objects) if o["shape"] == s]) for s in SHAPES],
+             [(f"how many {c} shapes are there?", [k for k, o in enumerate(objects) if o["color"] == c])
+              for c in COLOR_NAMES]]
+    forms = [[(q, t) for q, t in form if len(t) == want] for form in forms]
+    forms = [form for form in forms if form]
+    if not forms:
+      return None
+    form = forms[rng.integers(len(forms))]
+    q, targets = form[rng.integers(len(form))]
+    return q, str(want), targets
   if qtype in ("color", "shape", "size"):
     order = rng.permutation(n)
     for i in (int(k) for k in order):
@@ -417,9 +420,11 @@ def _vqa_question(rng, objects, qtype):
 def _vqa(split, index, num, seed, image_size, opts, qtypes):
   rng = _rng(seed, split, "vqa", index)
   qtype = qtypes[index % len(qtypes)]
+  lo, hi = (0, opts["max_objects"]) if qtype == "count" else (0, 0)
+  want = int(rng.integers(lo, hi + 1))  # the count answer
   while True:
     objects = _scene(rng, split, image_size, opts["min_objects"], opts["max_objects"])
-    qa = _vqa_question(rng, objects, qtype)
+    qa = _vqa_question(rng, objects, qtype, want)
     if qa is not None:
       break
   question, answer, targets = qa
@@ -495,7 +500,8 @@ def _text_question(rng, family):
   if family == "sides":
     shape = SHAPES[rng.integers(4)]
     part = ("sides", "corners", "edges")[rng.integers(3)] if shape != "circle" else "corners"
-    return f"how many {part} does a {shape} have?", str(_SIDES[shape])
+    t = ("how many {p} does a {s} have?", "a {s} has how many {p}?", "how many {p} are there on a {s}?")
+    return t[rng.integers(3)].format(p=part, s=shape), str(_SIDES[shape])
   if family == "round":
     shape = SHAPES[rng.integers(4)]
     if rng.random() < 0.5:
@@ -505,8 +511,9 @@ def _text_question(rng, family):
     pair = list(_MIXES)[rng.integers(len(_MIXES))]
     a, b = pair if rng.random() < 0.5 else pair[::-1]
     t = ("what color do you get when you mix {} and {}?", "mixing {} and {} gives which color?",
-         "{} and {} make what color?")
-    return t[rng.integers(3)].format(a, b), _MIXES[pair]
+         "{} and {} make what color?", "if you mix {} and {}, what color do you get?",
+         "what color comes from mixing {} and {}?", "which color is made by mixing {} and {} paint?")
+    return t[rng.integers(len(t))].format(a, b), _MIXES[pair]
   if family == "arithmetic":
     a, b = (int(v) for v in rng.integers(0, 10, size=2))
     if rng.random() < 0.5:
@@ -559,13 +566,19 @@ def _text_question(rng, family):
 
 def _text_qa(split, index, num, seed, image_size, opts, families):
   rng = _rng(seed, split, "text_qa", index)
-  for _ in range(10_000):
+  found = None
+  for _ in range(100):  # a family first (uniform), then one of its questions that lies in this split
     family = families[rng.integers(len(families))]
-    question, answer = _text_question(rng, family)
-    if split_of("text_qa|" + question) == split:
+    for _ in range(300):
+      question, answer = _text_question(rng, family)
+      if split_of("text_qa|" + question) == split:
+        found = question, answer
+        break
+    if found:
       break
   else:
     raise ValueError(f"text_qa families {families} have no question in split {split!r}")
+  question, answer = found
   turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
   meta = {"qtype": "text_qa", "family": family, "question": question, "answer": answer}
   return _record("text_qa", split, index, "text", [], turns, meta)

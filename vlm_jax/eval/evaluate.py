@@ -89,8 +89,9 @@ def evaluate_vqa(generator: Generator, records, prefix: str = "vqa") -> dict:
   """Exact match after VQA normalisation, overall and per `meta.qtype`."""
   preds, refs, metas = generator(records)
   types = [m.get("qtype", "all") for m in metas]
-  out = {f"{prefix}/{t} acc": v for t, v in metrics.vqa_accuracy_by_type(preds, refs, types).items()}
-  out[f"{prefix} acc"] = metrics.vqa_exact_match(preds, refs)
+  out = {f"{prefix} acc": metrics.vqa_exact_match(preds, refs)}
+  if len(set(types)) > 1:
+    out.update({f"{prefix}/{t} acc": v for t, v in metrics.vqa_accuracy_by_type(preds, refs, types).items()})
   return out
 
 

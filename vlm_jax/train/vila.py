@@ -81,6 +81,17 @@ def run(config, workdir: str) -> list[dict]:
                  "train loss": summary["last loss"], **results})
     init = f"checkpoint:{stage_dir}"
   if jax.process_index() == 0:
-    report.print_table(rows, "shapes world: evaluation after each VILA stage (held-out test split)")
+    print_stage_table(rows)
     report.write_json(os.path.join(workdir, "eval.json"), rows)
   return rows
+
+
+def print_stage_table(rows: list[dict]) -> str:
+  """One row per metric, one column per stage (accuracies as percentages)."""
+  metrics = [k for k in rows[0] if k != "stage"]
+  def fmt(k, v):
+    if isinstance(v, float):
+      return report.format_percent(v) if k.endswith("acc") else report.format_number(v)
+    return v
+  table = [{"metric": k, **{r["stage"]: fmt(k, r.get(k)) for r in rows}} for k in metrics]
+  return report.print_table(table, "shapes world: evaluation after each VILA stage (held-out test split)")

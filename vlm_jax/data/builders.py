@@ -1,0 +1,495 @@
+"""TFDS builders: the shapes world and four real on-disk formats, all in the record schema.
+
+Every builder produces `vlm_jax.data.schema.features()` (id, kind, images, turns, meta),
+needs no download, writes array_record (so `builder.as_data_source()` feeds grain) and
+keeps the source order (no TFDS shuffling; the input pipeline shuffles). Importing this
+module registers the builders with TFDS under the names shapes_world, image_captions,
+interleaved, conversations, text_corpus; a prepared data set with an option-derived
+config name reopens with `tfds.builder("shapes_world/<config name>", data_dir=...)`.
+
+    build_shapes_world(data_dir, task, sizes={"train": n, ...}, image_size=64, seed=0, **options)
+    build_from_files(kind, path, data_dir, image_root=None)        # kind: see FILE_KINDS
+    skipped_counts(builder) -> {reason: count}
+
+Both build_* helpers derive a unique config name from their inputs (options; the content
+of the annotation files), call download_and_prepare (reusing a data set already prepared
+under that name) and return the builder.
+
+The shapes world (`ShapesWorld`): configs caption, vqa, region, interleaved, text_qa,
+text_corpus, classes (10000 / 1000 / 1000 records, 64 px, seed 0); any other sizes,
+image size, seed or task options (corruption_rate, qtypes, domain, ...) through
+build_shapes_world. See vlm_jax.data.shapes_world.
+
+Real formats. `path` is one file (split "train") or {split: file}; image paths are
+relative to `image_root` (default: the annotation file's folder). One record per
+caption / document / conversation / line.
+
+  kind "captions" (`ImageCaptions`), either COCO captions JSON
+      {"images": [{"id": 1, "file_name": "a.jpg"}],
+       "annotations": [{"id": 10, "image_id": 1, "caption": "a dog on a sofa."}]}
+    -> id "<stem>/1/10", kind "caption", turns [user "<image>", assistant caption]
+  or JSONL (one object a line; "id" optional)
+      {"image": "imgs/a.jpg", "caption": "a dog on a sofa."}
+    -> id "<stem>/000000" (the line number) or "<stem>/<id>"
+
+  kind "interleaved" (`Interleaved`), MMC4-style JSONL
+      {"text_list": ["A dog.", "It sleeps."],
+       "image_info": [{"image_name": "d.jpg", "matched_text_index": 0}]}
+    -> kind "interleaved", one text turn "<image> A dog. It sleeps.": each image's
+       "<image>" stands before its matched sentence; images in text order.
+
+  kind "conversations" (`Conversations`), LLaVA JSON (a list; or JSONL of the same objects)
+      [{"id": "7", "image": "coco/b.jpg",
+        "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                          {"from": "gpt", "value": "A cat."}]}]
+    -> kind "conversation", human -> user, gpt -> assistant. "image" may be a list
+       (one "<image>" each, in order) or absent (text-only).
+
+  kind "text" (`TextCorpus`), JSONL
+      {"text": "Cats sleep a lot."}                 -> kind "text", turns [text ...]
+      {"question": "2 + 2?", "answer": "4"}        -> kind "text", turns [user, assistant]
+
+Bad records are skipped, never fatal: each is logged (the first few per reason) and
+counted by reason; the counts are written to `<prepared dir>/skipped.json` and returned by
+`skipped_counts(builder)`. Reasons (SKIP_REASONS):
+  missing_image          an image file that does not exist
+  bad_image              an image that does not decode
+  empty_caption          a caption that is empty or not a string
+  empty_text             a document, text line or turn with no text
+  image_count_mismatch   "<image>" placeholders != images
+  bad_record             malformed JSON, missing or mistyped fields, unknown role,
+                         an image index out of range, no assistant turn
+"""
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from typing import Any, Iterator, Mapping, Optional, Union
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # pylint: disable=wrong-import-position
+from etils import epath  # pylint: disable=wrong-import-position
+import tensorflow_datasets as tfds  # pylint: disable=wrong-import-position
+from PIL import Image  # pylint: disable=wrong-import-position
+
+from vlm_jax.data import schema
+from vlm_jax.data import shapes_world
+
+
+def _hide_gpus_from_tf():
+  """TF only reads data here: keep it off the accelerators (JAX owns them)."""
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.set_visible_devices([], "GPU")
+  except (ImportError, RuntimeError, ValueError):  # already initialised, or no TF: nothing to do
+    pass
+
+
+_hide_gpus_from_tf()
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("missing_image", "bad_image", "empty_caption", "empty_text", "image_count_mismatch",
+                "bad_record")
+SKIPPED_FILE = "skipped.json"
+_LOGGED_PER_REASON = 5
+_VERSION = tfds.core.Version("1.0.0")
+
+
+class _Skip(Exception):
+  """A bad record: raised while converting one, caught and counted by the builder."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    assert reason in SKIP_REASONS, reason
+    super().__init__(f"{reason}: {detail}")
+    self.reason, self.detail = reason, detail
+
+
+def _png(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _load_image(path: str) -> bytes:
+  """Encoded image bytes (the file's own when RGB JPEG / PNG, else RGB PNG); _Skip when bad."""
+  if not os.path.isfile(path):
+    raise _Skip("missing_image", path)
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      if im.format in ("JPEG", "PNG") and im.mode == "RGB":
+        return data
+      return _png(np.asarray(im.convert("RGB")))
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
+    raise _Skip("bad_image", f"{path}: {e}") from None
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared parts: the schema, array_record, source order, skip accounting."""
+
+  VERSION = _VERSION
+  # TFDS works this out through importlib_resources, which is not installed here; no
+  # checksums.tsv sits beside this file, so no download URLs are registered.
+  code_path = epath.Path(__file__)
+
+  def __init__(self, *, file_format: str = "array_record", **kwargs):
+    super().__init__(file_format=file_format, **kwargs)
+    self._skips = collections.Counter()
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    return tfds.core.DatasetInfo(builder=self, description=(cfg.description if cfg else None) or self.__doc__,
+                                 features=schema.features(), disable_shuffling=True)
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    self._skips = collections.Counter()
+    super()._download_and_prepare(dl_manager, download_config)
+    counts = {r: self._skips[r] for r in SKIP_REASONS if self._skips[r]}
+    # self.data_dir is the temporary folder here: the file moves in with the data set.
+    with open(os.path.join(os.fspath(self.data_dir), SKIPPED_FILE), "w") as f:
+      json.dump(counts, f, indent=1, sort_keys=True)
+    if counts:
+      log.warning("%s: skipped %d bad record(s): %s", self.info.full_name, sum(counts.values()), counts)
+
+  def _skip(self, skip: _Skip, where: str) -> None:
+    self._skips[skip.reason] += 1
+    if self._skips[skip.reason] <= _LOGGED_PER_REASON:
+      log.warning("%s: skipping %s (%s): %s", self.name, where, skip.reason, skip.detail)
+
+  def _convert_all(self, items: Iterator[tuple[str, Any]], convert) -> Iterator[tuple[str, dict]]:
+    """(where, raw item) -> convert(raw) -> (key, record); bad ones skipped and counted."""
+    for where, raw in items:
+      try:
+        record = convert(raw)
+      except _Skip as s:
+        self._skip(s, where)
+        continue
+      yield record["id"], record
+
+
+# --- The shapes world -------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class ShapesWorldConfig(tfds.core.BuilderConfig):
+  """One shapes-world task with its split sizes, image size, seed and task options."""
+  task: str = "caption"
+  sizes: Mapping[str, int] = dataclasses.field(
+      default_factory=lambda: {"train": 10_000, "validation": 1_000, "test": 1_000})
+  image_size: int = 64
+  seed: int = 0
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _canonical_options(task: str, options: Mapping[str, Any]) -> dict:
+  """The task's options with defaults filled in (so equal data sets get equal names)."""
+  full = shapes_world._options(task, dict(options))  # pylint: disable=protected-access  (validates)
+  out = {k: full[k] for k in shapes_world._OPTIONS[task]}  # pylint: disable=protected-access
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def shapes_world_config(task: str, sizes: Optional[Mapping[str, int]] = None, image_size: int = 64,
+                        seed: int = 0, name: Optional[str] = None, **options) -> ShapesWorldConfig:
+  """A config whose name derives from everything that determines the data."""
+  sizes = dict(sizes or {"train": 10_000, "validation": 1_000, "test": 1_000})
+  bad = sorted(set(sizes) - set(shapes_world.SPLITS))
+  if bad:
+    raise ValueError(f"unknown split(s) {bad}; the shapes world has {shapes_world.SPLITS}")
+  options = _canonical_options(task, options)
+  spec = {"task": task, "sizes": sizes, "image_size": image_size, "seed": seed, "options": options}
+  digest = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=5).hexdigest()
+  return ShapesWorldConfig(name=name or f"{task}_{image_size}px_s{seed}_{digest}", version=_VERSION,
+                           description="shapes world " + json.dumps(spec, sort_keys=True), task=task,
+                           sizes=sizes, image_size=image_size, seed=seed, options=options)
+
+
+class ShapesWorld(_Builder):
+  """The procedural shapes world (vlm_jax.data.shapes_world) as a TFDS data set."""
+
+  BUILDER_CONFIGS = [shapes_world_config(t, name=t) for t in shapes_world.TASKS]
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    return {split: self._generate_examples(split, n) for split, n in cfg.sizes.items()}
+
+  def _generate_examples(self, split: str, num: int):
+    cfg = self.builder_config
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.options.items()}
+    for r in shapes_world.records(cfg.task, split, num, seed=cfg.seed, image_size=cfg.image_size, **options):
+      yield r["id"], {**r, "images": [_png(im) for im in r["images"]]}
+
+
+def build_shapes_world(data_dir: str, task: str, sizes: Optional[Mapping[str, int]] = None,
+                       image_size: int = 64, seed: int = 0, **options) -> ShapesWorld:
+  """Prepares (or reuses) one shapes-world data set and returns its builder."""
+  builder = ShapesWorld(config=shapes_world_config(task, sizes, image_size, seed, **options), data_dir=data_dir)
+  builder.download_and_prepare()
+  return builder
+
+
+# --- Real formats -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class FilesConfig(tfds.core.BuilderConfig):
+  """Source files per split, and the folder image paths are relative to."""
+  paths: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  image_root: Optional[str] = None
+
+
+class _FilesBuilder(_Builder, skip_registration=True):
+  """A builder over local files (config: FilesConfig)."""
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    if not cfg or not getattr(cfg, "paths", None):
+      raise ValueError(f"{self.name}: no source files; use build_from_files(kind, path, data_dir)")
+    return {split: self._generate_examples(path) for split, path in cfg.paths.items()}
+
+  def _image_root(self, path: str) -> str:
+    return self.builder_config.image_root or os.path.dirname(os.path.abspath(path))
+
+  def _stem(self, path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+  def _images(self, root: str, names) -> list:
+    return [_load_image(os.path.join(root, n)) for n in names]
+
+
+def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed object or a _Skip) per non-blank line."""
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        yield n, json.loads(line)
+      except json.JSONDecodeError as e:
+        yield n, _Skip("bad_record", f"line {n}: {e}")
+
+
+def _require(cond: bool, detail: str, reason: str = "bad_record"):
+  if not cond:
+    raise _Skip(reason, detail)
+
+
+def _text(value) -> str:
+  return value.strip() if isinstance(value, str) else ""
+
+
+def _meta(**kw) -> str:
+  return json.dumps(kw, sort_keys=True)
+
+
+def _raise_if_skip(obj):
+  if isinstance(obj, _Skip):
+    raise obj
+  return obj
+
+
+class ImageCaptions(_FilesBuilder):
+  """Image-caption pairs from COCO-captions JSON or {"image", "caption"} JSONL."""
+
+  def _generate_examples(self, path: str):
+    stem, root = self._stem(path), self._image_root(path)
+    if path.endswith(".jsonl"):
+      yield from self._convert_all(((f"{path}:{n}", (n, obj)) for n, obj in _jsonl(path)),
+                                   lambda item: self._from_line(stem, root, *item))
+      return
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+      raise ValueError(f"{path}: expected COCO captions JSON ({{'images': [...], 'annotations': [...]}}) "
+                       f"or a .jsonl file")
+    files = {im.get("id"): im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)}
+    by_image = collections.defaultdict(list)  # each image is read once for all its captions
+    for k, ann in enumerate(data["annotations"]):
+      by_image[ann.get("image_id") if isinstance(ann, dict) else None].append((k, ann))
+    for image_id, anns in by_image.items():
+      try:
+        _require(image_id in files and isinstance(files[image_id], str), f"image_id {image_id!r} not in images")
+        image = _load_image(os.path.join(root, files[image_id]))
+      except _Skip as s:
+        for k, _ in anns:
+          self._skip(s, f"{path}: annotation {k}")
+        continue
+      for k, ann in anns:
+        caption = _text(ann.get("caption"))
+        if not caption:
+          self._skip(_Skip("empty_caption", f"annotation {k}"), f"{path}: annotation {k}")
+          continue
+        rid = f"{stem}/{image_id}/{ann.get('id', k)}"
+        yield rid, {"id": rid, "kind": "caption", "images": [image],
+                    "turns": [{"role": "user", "content": schema.IMAGE_PLACEHOLDER},
+                              {"role": "assistant", "content": caption}],
+                    "meta": _meta(source=os.path.basename(path), image_id=image_id, file_name=files[image_id])}
+
+  def _from_line(self, stem, root, n, obj):
+    obj = _raise_if_skip(obj)
+    _require(isinstance(obj, dict) and isinstance(obj.get("image"), str), f"line {n}: needs 'image' (str)")
+    caption = _text(obj.get("caption"))
+    _require(bool(caption), f"line {n}", "empty_caption")
+    image = _load_image(os.path.join(root, obj["image"]))
+    rid = f"{stem}/{obj['id']}" if "id" in obj else f"{stem}/{n:06d}"
+    return {"id": rid, "kind": "caption", "images": [image],
+            "turns": [{"role": "user", "content": schema.IMAGE_PLACEHOLDER},
+                      {"role": "assistant", "content": caption}],
+            "meta": _meta(source=stem, line=n, image=obj["image"])}
+
+
+def interleaved_text(text_list, matched) -> str:
+  """Sentences joined by spaces, each image's "<image>" before its matched sentence (MMC4)."""
+  counts = collections.Counter(matched)
+  pieces = []
+  for i, sentence in enumerate(text_list):
+    words = [schema.IMAGE_PLACEHOLDER] * counts[i] + ([sentence.strip()] if sentence.strip() else [])
+    if words:
+      pieces.append(" ".join(words))
+  return " ".join(pieces)
+
+
+class Interleaved(_FilesBuilder):
+  """Interleaved image-text documents from MMC4-style JSONL."""
+
+  def _generate_examples(self, path: str):
+    stem, root = self._stem(path), self._image_root(path)
+    yield from self._convert_all(((f"{path}:{n}", (n, obj)) for n, obj in _jsonl(path)),
+                                 lambda item: self._convert(stem, root, *item))
+
+  def _convert(self, stem, root, n, doc):
+    doc = _raise_if_skip(doc)
+    _require(isinstance(doc, dict) and isinstance(doc.get("text_list"), list)
+             and all(isinstance(s, str) for s in doc["text_list"]), f"line {n}: needs 'text_list' (strings)")
+    infos = doc.get("image_info") or []
+    _require(isinstance(infos, list) and all(
+        isinstance(i, dict) and isinstance(i.get("image_name"), str)
+        and isinstance(i.get("matched_text_index"), int)
+        and 0 <= i["matched_text_index"] < len(doc["text_list"]) for i in infos),
+             f"line {n}: image_info needs image_name and an in-range matched_text_index")
+    _require(any(s.strip() for s in doc["text_list"]), f"line {n}", "empty_text")
+    infos = sorted(infos, key=lambda i: i["matched_text_index"])  # stable: text order
+    text = interleaved_text(doc["text_list"], [i["matched_text_index"] for i in infos])
+    _require(text.count(schema.IMAGE_PLACEHOLDER) == len(infos),
+             f"line {n}: {text.count(schema.IMAGE_PLACEHOLDER)} placeholders, {len(infos)} images",
+             "image_count_mismatch")
+    images = self._images(root, [i["image_name"] for i in infos])
+    rid = f"{stem}/{doc['id']}" if "id" in doc else f"{stem}/{n:06d}"
+    return {"id": rid, "kind": "interleaved", "images": images, "turns": [{"role": "text", "content": text}],
+            "meta": _meta(source=stem, line=n, images=[i["image_name"] for i in infos])}
+
+
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class Conversations(_FilesBuilder):
+  """Multi-turn (visual) conversations from LLaVA JSON (or JSONL)."""
+
+  def _generate_examples(self, path: str):
+    stem, root = self._stem(path), self._image_root(path)
+    if path.endswith(".jsonl"):
+      items = ((f"{path}:{n}", (n, obj)) for n, obj in _jsonl(path))
+    else:
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+      if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of LLaVA samples")
+      items = ((f"{path}[{n}]", (n, obj)) for n, obj in enumerate(data))
+    yield from self._convert_all(items, lambda item: self._convert(stem, root, *item))
+
+  def _convert(self, stem, root, n, sample):
+    sample = _raise_if_skip(sample)
+    _require(isinstance(sample, dict) and isinstance(sample.get("conversations"), list)
+             and sample["conversations"], f"sample {n}: needs a non-empty 'conversations' list")
+    names = sample.get("image")
+    names = [] if names is None else [names] if isinstance(names, str) else names
+    _require(isinstance(names, list) and all(isinstance(x, str) for x in names), f"sample {n}: bad 'image'")
+    turns = []
+    for t in sample["conversations"]:
+      _require(isinstance(t, dict) and t.get("from") in _LLAVA_ROLES and isinstance(t.get("value"), str),
+               f"sample {n}: turn {t!r:.80}")
+      _require(bool(t["value"].strip()), f"sample {n}: empty turn", "empty_text")
+      turns.append({"role": _LLAVA_ROLES[t["from"]], "content": t["value"]})
+    _require(any(t["role"] == "assistant" for t in turns), f"sample {n}: no assistant turn")
+    placeholders = sum(t["content"].count(schema.IMAGE_PLACEHOLDER) for t in turns)
+    _require(placeholders == len(names), f"sample {n}: {placeholders} placeholders, {len(names)} images",
+             "image_count_mismatch")
+    images = self._images(root, names)
+    rid = f"{stem}/{sample.get('id', n)}"
+    return {"id": rid, "kind": "conversation", "images": images, "turns": turns,
+            "meta": _meta(source=stem, index=n, images=names)}
+
+
+class TextCorpus(_FilesBuilder):
+  """Text-only records from JSONL: {"text"} documents or {"question", "answer"} pairs."""
+
+  def _generate_examples(self, path: str):
+    stem = self._stem(path)
+    yield from self._convert_all(((f"{path}:{n}", (n, obj)) for n, obj in _jsonl(path)),
+                                 lambda item: self._convert(stem, *item))
+
+  def _convert(self, stem, n, obj):
+    obj = _raise_if_skip(obj)
+    _require(isinstance(obj, dict) and ("text" in obj or ("question" in obj and "answer" in obj)),
+             f"line {n}: needs 'text' or 'question' and 'answer'")
+    rid = f"{stem}/{obj['id']}" if "id" in obj else f"{stem}/{n:06d}"
+    if "text" in obj:
+      text = _text(obj["text"])
+      _require(bool(text), f"line {n}", "empty_text")
+      turns, meta = [{"role": "text", "content": text}], _meta(source=stem, line=n)
+    else:
+      q, a = _text(obj["question"]), _text(obj["answer"])
+      _require(bool(q and a), f"line {n}: empty question or answer", "empty_text")
+      turns = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+      meta = _meta(source=stem, line=n, answer=a)
+    return {"id": rid, "kind": "text", "images": [], "turns": turns, "meta": meta}
+
+
+FILE_KINDS = {"captions": ImageCaptions, "interleaved": Interleaved, "conversations": Conversations,
+              "text": TextCorpus}
+
+
+def files_config(kind: str, path: Union[str, Mapping[str, str]], image_root: Optional[str] = None) -> FilesConfig:
+  """A config named after the first file's stem and a digest of the files' contents."""
+  if kind not in FILE_KINDS:
+    raise ValueError(f"unknown kind {kind!r}; known: {sorted(FILE_KINDS)}")
+  paths = {"train": path} if isinstance(path, (str, os.PathLike)) else dict(path)
+  paths = {split: os.path.abspath(os.fspath(p)) for split, p in paths.items()}
+  digest = hashlib.blake2b(digest_size=5)
+  digest.update(json.dumps([kind, sorted(paths.items()), image_root and os.path.abspath(image_root)]).encode())
+  for _, p in sorted(paths.items()):
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"{kind} source {p} does not exist")
+    with open(p, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+  stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(next(iter(paths.values()))).lower()).strip("_")
+  return FilesConfig(name=f"{stem}_{digest.hexdigest()}", version=_VERSION,
+                     description=f"{kind} from {json.dumps(paths)}", paths=paths,
+                     image_root=image_root and os.path.abspath(image_root))
+
+
+def build_from_files(kind: str, path: Union[str, Mapping[str, str]], data_dir: str,
+                     image_root: Optional[str] = None) -> tfds.core.DatasetBuilder:
+  """Prepares (or reuses) a data set from local files of one format (FILE_KINDS); returns its builder."""
+  config = files_config(kind, path, image_root)  # checks kind
+  builder = FILE_KINDS[kind](config=config, data_dir=data_dir)
+  builder.download_and_prepare()
+  return builder
+
+
+def skipped_counts(builder: tfds.core.DatasetBuilder) -> dict:
+  """{reason: count} of the records skipped while preparing `builder` ({} when none)."""
+  path = os.path.join(os.fspath(builder.data_dir), SKIPPED_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
