@@ -51,7 +51,8 @@ def stage_config(config, name: str, init: str, datasets: dict, tokenizer_dir: st
   c.data = ml_collections.ConfigDict(dict(
       source="pipeline", sources=[dict(name=datasets[task], split="train", weight=w) for task, w in s.sources],
       data_dir=data_dir, tokenizer=tokenizer_dir, global_batch_size=s.global_batch_size,
-      seq_len=config.seq_len, image_slots=config.image_slots, packing=config.packing))
+      seq_len=config.seq_len, image_slots=config.image_slots, packing=config.packing,
+      truncate=config.truncate))
   return c
 
 

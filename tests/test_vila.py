@@ -1,0 +1,41 @@
+"""The main job, scaled down: shapes world -> tokenizer -> three VILA stages -> evaluation table."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from configs import shapes_vila
+from vlm_jax.train import vila
+
+
+def test_three_stages_run_chain_and_evaluate(tmp_path, capsys):
+  config = shapes_vila.get_config("quick=True")
+  with config.unlocked():
+    config.progress = False
+  rows = vila.run(config, str(tmp_path))
+
+  assert [r["stage"] for r in rows] == ["stage0", "stage1", "stage2"]
+  for row in rows:
+    assert {"caption CIDEr-D", "vqa acc", "vqa/color acc", "vqa/shape acc", "region acc", "text_qa acc"} <= set(row)
+  assert json.load(open(tmp_path / "eval.json"))[-1]["stage"] == "stage2"
+  out = capsys.readouterr().out
+  assert "evaluation after each VILA stage" in out and "vqa/color acc" in out
+  # Each stage started from the previous one's checkpoint; stage 0 trained only the projector.
+  from vlm_jax.train.checkpoint import Checkpointer
+  for stage in ("stage0", "stage1", "stage2"):
+    assert Checkpointer(str(tmp_path / stage / "checkpoints")).steps()[-1] > 0
+  config_1 = json.load(open(tmp_path / "stage1" / "config.json"))
+  assert config_1["init"] == f"checkpoint:{tmp_path / 'stage0'}"
+  losses = [json.loads(l)["loss"] for l in open(tmp_path / "stage2" / "metrics.jsonl") if '"loss"' in l]
+  assert losses[-1] < losses[0]
+
+
+def test_stage_configs_follow_the_vila_freezing():
+  config = shapes_vila.get_config()
+  groups = {name: [tuple(g) for g in config.stages[name].groups] for name in config.stages}
+  assert groups["stage0"] == [("projector/.*", 1.0), (".*", None)]
+  assert groups["stage1"] == [("projector/.*", 1.0), ("lm/.*", 1.0), (".*", None)]
+  assert ("lm/.*", 1.0) in groups["stage1"] and ("vision/.*", None) not in groups["stage1"]
+  assert sum(config.stages[n].fraction for n in config.stages) == np.float64(1.0)
