@@ -231,3 +231,20 @@ def test_skips_malformed_lines(tmp_path):
   b = builders.build_from_files("text", path, str(tmp_path / "data"))
   assert [r["turns"][0]["content"] for r in read(b)] == ["kept."]
   assert builders.skipped_counts(b) == {"bad_record": 2, "empty_text": 1}
+
+
+def test_build_data_command_prepares_a_source_the_pipeline_reads(tmp_path, capsys):
+  import json as json_lib
+  from PIL import Image as PILImage
+  from launch import build_data
+  from vlm_jax.data import pipeline
+  PILImage.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
+  with open(tmp_path / "train.jsonl", "w") as f:
+    f.write(json_lib.dumps({"image": "a.png", "caption": "a red square."}) + "\n")
+    f.write(json_lib.dumps({"image": "missing.png", "caption": "gone."}) + "\n")
+  name = build_data.main(["--kind=captions", f"--path={tmp_path / 'train.jsonl'}",
+                          f"--data_dir={tmp_path / 'tfds'}"])
+  out = capsys.readouterr().out
+  assert name in out and "{'train': 1}" in out and "missing_image" in out
+  source = pipeline.open_source(pipeline.Source(name=name, split="train"), data_dir=str(tmp_path / "tfds"))
+  assert len(source) == 1
