@@ -20,7 +20,10 @@ CLIP tower) a transformers model is built from a config with random weights
 - MFU: model FLOPs (2 x matmul parameters per token, plus 4 x layers x
   heads x head_dim x context per token for attention, plus the vision tower
   for the VLM) per second over the peak float32 matmul throughput measured in
-  the same run (jitted 2048x2048 JAX matmul).
+  the same run (jitted 2048x2048 JAX matmul, fastest of 10, measured at the
+  start and at the end; the higher is used).
+- Timed runs of the two sides are interleaved (jax, torch, jax, ...) so a load
+  change on a shared machine does not favour one side.
 
 Sizes come from `configs/models.py` (presets `tiny`, `small`) when it exists
 and can be read, else from the definitions below.
@@ -61,7 +64,7 @@ transformers.utils.logging.disable_progress_bar()
 
 import vlm_jax
 from vlm_jax.interop import hf_configs
-from vlm_jax.models import LMConfig, ViTConfig, VLM, VLMConfig, count_params
+from vlm_jax.models import LMConfig, ViTConfig, VLMConfig, count_params
 from vlm_jax.models.build import config_from_dict
 
 # --------------------------------------------------------------------------- sizes
@@ -183,22 +186,26 @@ def gen_flops(c: LMConfig, n_mm: int, batch: int, prompt: int, new: int) -> floa
 # --------------------------------------------------------------------------- timing
 
 
-def timed_pair(fn_a, fn_b, repeats: int):
-  """Both functions' (first-call s, median s, last result), timed runs interleaved a, b, a, b, ...
+def timed_pair(fn_a, fn_b, repeats: int, budget_s: float = float("inf")):
+  """Both functions' (first-call s, median s, last result, timed runs), timed runs interleaved a, b, a, b, ...
 
   Interleaving keeps a load change on this shared machine from favouring one side.
+  After `budget_s` seconds of timed runs no new round starts (at least one always runs).
   """
   firsts, outs, times = [], [None, None], ([], [])
   for fn in (fn_a, fn_b):
     t0 = time.perf_counter()
     fn()
     firsts.append(time.perf_counter() - t0)
-  for _ in range(repeats):
+  start = time.perf_counter()
+  for r in range(repeats):
+    if r and time.perf_counter() - start > budget_s:
+      break
     for i, fn in enumerate((fn_a, fn_b)):
       t0 = time.perf_counter()
       outs[i] = fn()
       times[i].append(time.perf_counter() - t0)
-  return [(firsts[i], statistics.median(times[i]), outs[i]) for i in range(2)]
+  return [(firsts[i], statistics.median(times[i]), outs[i], len(times[i])) for i in range(2)]
 
 
 def peak_matmul(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
@@ -291,8 +298,8 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
     jax_call = lambda: fwd(params, ids_j, images_j).block_until_ready()
     torch_kw = dict(pixel_values=torch.from_numpy(images_np.transpose(0, 3, 1, 2).copy()))
   with torch.inference_mode():
-    (j_first, j_med, j_logits), (t_first, t_med, t_out) = timed_pair(
-        jax_call, lambda: hf(input_ids=ids_t, **torch_kw, use_cache=False).logits, args.repeats)
+    (j_first, j_med, j_logits, runs), (t_first, t_med, t_out, _) = timed_pair(
+        jax_call, lambda: hf(input_ids=ids_t, **torch_kw, use_cache=False).logits, args.repeats, args.budget_s)
   diff = float(np.max(np.abs(np.asarray(j_logits) - t_out.float().numpy())))
   tokens = args.batch * seq
   flops = lm_flops(c, n_mm, tokens, seq)
@@ -301,10 +308,10 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
   rows.append(dict(
       base, task=f"forward {args.batch}x{seq}", tokens=tokens,
       jax_s=j_med, torch_s=t_med, jax_tok_s=tokens / j_med, torch_tok_s=tokens / t_med,
-      ratio=t_med / j_med, check=f"{diff:.1e}", max_abs_dlogits=diff, jax_first_s=j_first, torch_first_s=t_first,
-      jax_compile_s=max(j_first - j_med, 0.0), model_flops=flops))
+      ratio=t_med / j_med, check=f"{diff:.1e}" + (" (!)" if diff > 1e-4 else ""), max_abs_dlogits=diff, jax_first_s=j_first, torch_first_s=t_first,
+      jax_compile_s=max(j_first - j_med, 0.0), model_flops=flops, timed_runs=runs))
   print(f"  {size}-{kind} forward: jax {tokens / j_med:,.0f} tok/s, torch {tokens / t_med:,.0f} tok/s, "
-        f"max|dlogits| {diff:.1e} (jax first call {j_first:.1f}s)", flush=True)
+        f"max|dlogits| {diff:.1e} (jax first call {j_first:.1f}s, {runs} timed runs)", flush=True)
 
   # ---------------- generate
   if args.new_tokens > 0:
@@ -321,7 +328,8 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
     gen_t = lambda: hf.generate(input_ids=g_ids_t, attention_mask=torch.ones_like(g_ids_t), **hf_kw,
                                 do_sample=False, max_new_tokens=n, min_new_tokens=n)
     with torch.inference_mode():
-      (j_first, j_med, j_tokens), (t_first, t_med, t_tokens) = timed_pair(gen_j, gen_t, args.gen_repeats)
+      (j_first, j_med, j_tokens, runs), (t_first, t_med, t_tokens, _) = timed_pair(
+          gen_j, gen_t, args.gen_repeats, args.budget_s)
     t_new = t_tokens[:, prompt:].numpy()
     j_new = np.asarray(j_tokens)
     same = int((t_new == j_new).sum()) if t_new.shape == j_new.shape else 0
@@ -334,9 +342,9 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
         jax_s=j_med, torch_s=t_med, jax_tok_s=new_tokens / j_med, torch_tok_s=new_tokens / t_med,
         ratio=t_med / j_med, check=f"tok {same}/{new_tokens}", same_tokens=same, max_abs_dlogits=None,
         jax_first_s=j_first, torch_first_s=t_first, jax_compile_s=max(j_first - j_med, 0.0),
-        model_flops=flops))
+        model_flops=flops, timed_runs=runs))
     print(f"  {size}-{kind} generate: jax {new_tokens / j_med:,.0f} tok/s, torch {new_tokens / t_med:,.0f} "
-          f"tok/s, same tokens {same}/{new_tokens} (jax first call {j_first:.1f}s)", flush=True)
+          f"tok/s, same tokens {same}/{new_tokens} (jax first call {j_first:.1f}s, {runs} timed runs)", flush=True)
   del hf
   return rows
 
@@ -367,8 +375,9 @@ def main(argv=None):
                   "(PyTorch) on identical random float32 weights, on CPU, with a logits check and MFU.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--sizes", default="tiny,small",
-                 help="comma-separated model sizes: presets of configs/models.py when it exists, else the "
-                      "built-in 'tiny' (~0.2M LM) and 'small' (~96M LM / ~107M VLM)")
+                 help="comma-separated model sizes: the VLM presets of configs/models.py when it exists (there "
+                      "'tiny' is a 0.43M LM / 0.53M VLM, 'small' a 74M LM / 96M VLM; the LM benchmark uses the "
+                      "preset's text model), else the built-in 'tiny' (0.4M LM) and 'small' (96M LM / 107M VLM)")
   p.add_argument("--kinds", default="lm,vlm",
                  help="comma-separated: 'lm' (LlamaForCausalLM vs DecoderLM), 'vlm' (LlavaForConditionalGeneration "
                       "vs VLM, one image per sample)")
@@ -383,6 +392,9 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5, help="timed forward runs after the warm-up (median reported)")
   p.add_argument("--gen-repeats", type=int, default=3,
                  help="timed generation runs after the first (compile) call (median reported)")
+  p.add_argument("--budget-s", type=float, default=20.0,
+                 help="seconds of timed runs per measurement after which no new jax+torch round starts (at "
+                      "least one runs); keeps the whole run short when a loaded machine slows torch down")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads value; 0 keeps torch's default")
   p.add_argument("--json", metavar="PATH", default=None, help="also write the results and run settings as JSON")
@@ -402,9 +414,11 @@ def main(argv=None):
   info = dict(
       jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
       torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), machine=platform.machine(),
-      jax_device=str(jax.devices()[0]), xla_flags=os.environ.get("XLA_FLAGS", ""), dtype="float32")
+      jax_device=str(jax.devices()[0]), xla_flags=os.environ.get("XLA_FLAGS", ""), dtype="float32",
+      load_avg_start=os.getloadavg()[0])
   print(f"jax {info['jax']} | torch {info['torch']} ({info['torch_threads']} threads) | transformers "
-        f"{info['transformers']} | {info['cpu_count']} CPUs | XLA_FLAGS={info['xla_flags']!r}")
+        f"{info['transformers']} | {info['cpu_count']} CPUs | XLA_FLAGS={info['xla_flags']!r} | "
+        f"1-min load average {info['load_avg_start']:.2f}")
 
   rows, sources = [], {}
   for size in sizes:
@@ -418,7 +432,7 @@ def main(argv=None):
   # Peak again at the end; the higher of the two is the MFU denominator.
   peak2, torch_peak2 = peak_matmul()
   peak, torch_peak = max(peak, peak2), max(torch_peak, torch_peak2)
-  info.update(peak_matmul_flops=peak, torch_matmul_flops=torch_peak)
+  info.update(peak_matmul_flops=peak, torch_matmul_flops=torch_peak, load_avg_end=os.getloadavg()[0])
   for r in rows:
     r["jax_mfu"] = r["model_flops"] / r["jax_s"] / peak
     r["torch_mfu"] = r["model_flops"] / r["torch_s"] / peak
@@ -427,9 +441,11 @@ def main(argv=None):
   print(table(rows))
   print(f"\nfloat32, CPU; torch threads {info['torch_threads']}; peak float32 matmul (2048², best run, "
         f"start and end): jax {peak / 1e9:.0f} GFLOP/s (the MFU denominator), torch {torch_peak / 1e9:.0f} "
-        f"GFLOP/s; ratio = vlm_jax tok/s ÷ torch tok/s; MFU = model FLOPs/s ÷ peak; "
+        f"GFLOP/s; 1-min load average {info['load_avg_start']:.2f} at the start, {info['load_avg_end']:.2f} at the end "
+        f"(torch slows down far more than jax when another process competes for the cores); ratio = vlm_jax tok/s ÷ torch tok/s; MFU = model FLOPs/s ÷ peak; "
         f"generate tok/s counts new tokens (prefill included in the time); 'tok a/b' = greedy tokens "
-        f"equal on both sides. Total {time.perf_counter() - t_start:.0f}s.")
+        f"equal on both sides; '(!)' = logits differ by more than 1e-4; jax compile s = first call - median "
+        f"call; torch 1st s = first call. Total {time.perf_counter() - t_start:.0f}s.")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(settings=vars(args), info=info, sources=sources, results=rows), f, indent=1)
