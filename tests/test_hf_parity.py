@@ -71,6 +71,8 @@ def test_lm_scan_and_remat_give_the_same_logits(lm_pair):
   ids = jnp.asarray(np.random.RandomState(1).randint(0, 97, (2, 9)))
   np.testing.assert_allclose(scanned.apply({"params": sparams}, ids).logits,
                              model.apply({"params": params}, ids).logits, atol=1e-5)
+  np.testing.assert_array_equal(vlm_jax.generate(scanned, sparams, ids, max_new_tokens=6),
+                                vlm_jax.generate(model, params, ids, max_new_tokens=6))
 
 
 def test_lm_round_trip_is_bit_exact_and_loads_in_transformers(lm_pair, tmp_path):

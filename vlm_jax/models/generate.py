@@ -44,19 +44,23 @@ def _compiled(module_type: type, config, max_new_tokens: int, temperature: float
     out = model.apply({"params": params}, input_ids, attention_mask=attention_mask,
                       positions=positions, cache=cache, **extra)
 
+    def pick(logits, rng_t, done):
+      token = jnp.where(done, pad_token_id, sample_token(logits, rng_t, temperature, top_p))
+      return token, done if eos_token_id is None else done | (token == eos_token_id)
+
     def step(carry, rng_t):
       cache, logits, pos, done = carry
-      token = sample_token(logits, rng_t, temperature, top_p)
-      token = jnp.where(done, pad_token_id, token)
-      if eos_token_id is not None:
-        done = done | (token == eos_token_id)
+      token, done = pick(logits, rng_t, done)
       out = model.apply({"params": params}, token[:, None], attention_mask=jnp.ones((b, 1), bool),
                         positions=pos[:, None] + 1, cache=cache)
       return (out.cache, out.logits[:, -1], pos + 1, done), token
 
+    rngs = jax.random.split(rng, max_new_tokens)
     carry = (out.cache, out.logits[:, -1], positions[:, -1], jnp.zeros((b,), bool))
-    _, tokens = jax.lax.scan(step, carry, jax.random.split(rng, max_new_tokens))
-    return tokens.T
+    # n-1 decode steps; the last token needs no forward pass of its own.
+    (_, logits, _, done), tokens = jax.lax.scan(step, carry, rngs[:-1])
+    last, _ = pick(logits, rngs[-1], done)
+    return jnp.concatenate([tokens.T, last[:, None]], axis=1)
 
   return jax.jit(run)
 

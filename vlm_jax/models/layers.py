@@ -112,21 +112,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: Optional[jax.Array]) -> jax.Array:
+                          mask: Optional[jax.Array], heads_major: bool = False) -> jax.Array:
   """Grouped-query attention with a float32 softmax.
 
-  q: [b, lq, heads, d]; k, v: [b, lk, kv_heads, d]; mask: [b, lq, lk] bool (True = attend).
+  q: [b, lq, heads, d]; k, v: [b, lk, kv_heads, d], or [b, kv_heads, lk, d] when
+  `heads_major` (the KV cache's layout); mask: [b, lq, lk] bool (True = attend).
   Fully masked rows give a uniform distribution (as the reference does), never NaN.
   """
   b, lq, h, d = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[1] if heads_major else k.shape[2]
+  kv = "bksd" if heads_major else "bskd"
   q = q.reshape(b, lq, kvh, h // kvh, d)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k)
+  scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k)
   scores = scores.astype(jnp.float32) * (d ** -0.5)
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v)
   return out.reshape(b, lq, h, d)
 
 

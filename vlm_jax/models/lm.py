@@ -39,7 +39,10 @@ class LMConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, `[layers, batch, slots, kv_heads, head_dim]`.
+  """Keys and values of every layer, `[layers, batch, kv_heads, slots, head_dim]`.
+
+  Head-major, so attention reads a layer's keys without a transpose, and each
+  step writes its new keys into the full array in place.
 
   `key_mask[b, s]` says which slots hold real tokens (left padding is masked);
   `end` is the next slot to write.
@@ -51,7 +54,7 @@ class KVCache:
 
   @classmethod
   def empty(cls, config: LMConfig, batch: int, slots: int) -> "KVCache":
-    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
     dtype = jnp.dtype(config.dtype)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
@@ -65,11 +68,17 @@ class LMOutput:
 
 
 class DecoderBlock(nn.Module):
-  """One pre-norm decoder layer. Scan-compatible: `(x, layer_cache) -> (x, new_cache)`."""
+  """One pre-norm decoder layer. Scan-compatible: `(x, ..., kv) -> (x, new kv)`.
+
+  kv: None (no cache), or (k, v, layer) where k, v are `[..., b, kv_heads,
+  slots, d]` with a leading layer axis when `layer` is an int (the new keys
+  are written into that layer of the full cache in place), or without one
+  when `layer` is None (scan hands each layer its own slice).
+  """
   config: LMConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, write_at, layer_cache):
+  def __call__(self, x, positions, mask, write_at, kv):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     b, l, _ = x.shape
@@ -83,14 +92,23 @@ class DecoderBlock(nn.Module):
     v = v.reshape(b, l, c.num_kv_heads, c.head_dim)
     q = apply_rope(q, positions, c.rope_theta, c.rope_linear_scaling)
     k = apply_rope(k, positions, c.rope_theta, c.rope_linear_scaling)
-    new_cache = None
-    if layer_cache is not None:
-      k_all, v_all = layer_cache
-      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, write_at, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, write_at, 0, 0))
-      new_cache = (k_all, v_all)
-      k, v = k_all, v_all
-    attn = dot_product_attention(q, k, v, mask).reshape(b, l, c.num_heads * c.head_dim)
+    new_kv = None
+    if kv is None:
+      attn = dot_product_attention(q, k, v, mask)
+    else:
+      k_cache, v_cache, layer = kv
+      new = (k.transpose(0, 2, 1, 3).astype(k_cache.dtype), v.transpose(0, 2, 1, 3).astype(v_cache.dtype))
+      if layer is None:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, new[0], (0, 0, write_at, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, new[1], (0, 0, write_at, 0))
+        k_layer, v_layer = k_cache, v_cache
+      else:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, new[0][None], (layer, 0, 0, write_at, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, new[1][None], (layer, 0, 0, write_at, 0))
+        k_layer, v_layer = k_cache[layer], v_cache[layer]
+      new_kv = (k_cache, v_cache)
+      attn = dot_product_attention(q, k_layer, v_layer, mask, heads_major=True)
+    attn = attn.reshape(b, l, c.num_heads * c.head_dim)
     attn = constrain(attn, ("batch", "length", "heads"))
     x = x + Linear(c.embed_dim, ("heads", "embed"), name="o", **kw)(attn)
 
@@ -99,7 +117,7 @@ class DecoderBlock(nn.Module):
     up = Linear(c.mlp_dim, ("embed", "mlp"), name="up", **kw)(h)
     hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
     x = x + Linear(c.embed_dim, ("mlp", "embed"), name="down", **kw)(hidden)
-    return constrain(x, ("batch", "length", "embed")), new_cache
+    return constrain(x, ("batch", "length", "embed")), new_kv
 
 
 class DecoderLM(nn.Module):
@@ -175,16 +193,13 @@ class DecoderLM(nn.Module):
       mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
     if c.scan_layers:
-      xs = None if cache is None else (cache.k, cache.v)
+      xs = None if cache is None else (cache.k, cache.v, None)
       x, new_kv = self.layers(x, positions, mask, start, xs)
     else:
-      new_kv = []
+      new_kv = None if cache is None else (cache.k, cache.v)
       for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-        x, kv = layer(x, positions, mask, start, layer_cache)
-        new_kv.append(kv)
-      if cache is not None:
-        new_kv = (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
+        x, kv = layer(x, positions, mask, start, None if cache is None else (*new_kv, i))
+        new_kv = kv if cache is not None else None
 
     new_cache = None
     if cache is not None:
