@@ -207,3 +207,12 @@ def test_grad_accumulation_equals_the_full_batch(tmp_path):
     state = TrainState(np.int32(0), params, tx.init(trainable), jax.random.key_data(jax.random.key(0)))
     results.append(step(state, batch)[0].params)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), *results)
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(straight_run):
+  rows = [json.loads(l) for l in open(os.path.join(straight_run, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == list(range(1, 21))
+  assert {"loss", "accuracy", "grad_norm", "param_norm", "lr", "tokens_per_s"} <= set(rows[0])
+  events = [f for _, _, fs in os.walk(os.path.join(straight_run, "tensorboard")) for f in fs]
+  assert any(f.startswith("events.out.tfevents") for f in events)
+  assert json.load(open(os.path.join(straight_run, "config.json")))["total_steps"] == 20
