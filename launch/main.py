@@ -60,6 +60,18 @@ def _soup(config, workdir):
   run(config, workdir)
 
 
+@job("score")
+def _score(config, workdir):
+  from vlm_jax.curation.perplexity import score
+  score(config, workdir)
+
+
+@job("filter")
+def _filter(config, workdir):
+  from vlm_jax.curation.perplexity import filter_data
+  filter_data(config, workdir)
+
+
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
