@@ -52,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       stage2=stage(0.50, 1e-3, [(".*", 1.0)],  # VILA1.5 also trains the ViT in SFT
                    [("vqa", 3.0), ("region", 1.0), ("text_qa", 1.0), ("caption", 0.5)]),
   ))
+  c.stage_order = ("stage0", "stage1", "stage2")  # run order (ConfigDict keys iterate sorted)
   c.seq_len = 128
   c.image_slots = 4
   c.packing = True

@@ -47,12 +47,7 @@ def config(world, **overrides):
                                   f"tokenizer={world['tok_dir']},batch=4,seq_len=64")
   with c.unlocked():
     c.progress = False
-    for key, value in overrides.items():
-      target = c
-      *parents, leaf = key.split(".")
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+    c.update_from_flattened_dict(overrides)  # keys like "optim.lr"
   return c
 
 

@@ -24,12 +24,7 @@ def config(**overrides):
   c = tiny_train.get_config()
   with c.unlocked():
     c.progress = False
-    for key, value in overrides.items():
-      target = c
-      *parents, leaf = key.split(".")
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+    c.update_from_flattened_dict(overrides)  # keys like "optim.lr"
   return c
 
 

@@ -24,10 +24,10 @@ def test_three_stages_run_chain_and_evaluate(tmp_path, capsys):
   assert "evaluation after each VILA stage" in out and "vqa/color acc" in out
   # Each stage started from the previous one's checkpoint; stage 0 trained only the projector.
   from vlm_jax.train.checkpoint import Checkpointer
-  for stage in ("stage0", "stage1", "stage2"):
+  for stage in config.stage_order:
     assert Checkpointer(str(tmp_path / stage / "checkpoints")).steps()[-1] > 0
-  config_1 = json.load(open(tmp_path / "stage1" / "config.json"))
-  assert config_1["init"] == f"checkpoint:{tmp_path / 'stage0'}"
+  assert json.load(open(tmp_path / "stage0" / "config.json"))["init"] == "scratch"
+  assert json.load(open(tmp_path / "stage1" / "config.json"))["init"] == f"checkpoint:{tmp_path / 'stage0'}"
   losses = [json.loads(l)["loss"] for l in open(tmp_path / "stage2" / "metrics.jsonl") if '"loss"' in l]
   assert losses[-1] < losses[0]
 
@@ -35,6 +35,7 @@ def test_three_stages_run_chain_and_evaluate(tmp_path, capsys):
 def test_stage_configs_follow_the_vila_freezing():
   config = shapes_vila.get_config()
   groups = {name: [tuple(g) for g in config.stages[name].groups] for name in config.stages}
+  assert config.stage_order == ("stage0", "stage1", "stage2")
   assert groups["stage0"] == [("projector/.*", 1.0), (".*", None)]
   assert groups["stage1"] == [("projector/.*", 1.0), ("lm/.*", 1.0), (".*", None)]
   assert ("lm/.*", 1.0) in groups["stage1"] and ("vision/.*", None) not in groups["stage1"]

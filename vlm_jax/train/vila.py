@@ -70,11 +70,13 @@ def evaluate(config, model, params, tokenizer) -> dict:
 def run(config, workdir: str) -> list[dict]:
   """All stages, then the table of evaluations after each stage; returns its rows."""
   from vlm_jax.data.tokenizer import load_tokenizer
+  if sorted(config.stage_order) != sorted(config.stages):
+    raise ValueError(f"stage_order {list(config.stage_order)} must name each of the stages {sorted(config.stages)} once")
   datasets, tok_dir = prepare_data(config, workdir)
   data_dir = config.data_dir or os.path.join(workdir, "data")
   tokenizer, _ = load_tokenizer(tok_dir)
   init, rows = "scratch", []
-  for name in config.stages:
+  for name in config.stage_order:
     stage_dir = os.path.join(workdir, name)
     summary = train(stage_config(config, name, init, datasets, tok_dir, data_dir), stage_dir)
     results = evaluate(config, summary["model"], jax.device_get(summary["state"].params), tokenizer)
