@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,6 +55,43 @@ def state_shardings(tx, abstract_params, param_shardings, labels, mesh):
                                         transform_non_params=lambda _: mesh_lib.replicated(mesh))
   rep = mesh_lib.replicated(mesh)
   return TrainState(rep, param_shardings, opt_shardings, rep), abstract_opt
+
+
+class StepSetup(NamedTuple):
+  """The mesh, model, optimiser, shardings and jitted step of a config; nothing allocated yet."""
+  mesh: Any
+  rules: list
+  model: nn.Module
+  abstract_params: dict
+  param_shardings: dict
+  labels: dict
+  optim: Any  # config.optim with total_steps filled in
+  tx: optax.GradientTransformation
+  shardings: TrainState
+  abstract_opt: Any
+  batch_sharding: Any
+  step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+
+
+def step_setup(config, devices: Optional[Sequence[jax.Device]] = None) -> StepSetup:
+  """Everything `train` builds before it touches data or weights (also what launch.simulate compiles)."""
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+  rules = [tuple(r) for r in config.rules]
+  model = build_model(config.model)
+  abstract_params, param_shardings = param_shapes_and_shardings(model, mesh, rules)
+  labels = optim_lib.path_labels(abstract_params, [tuple(g) for g in config.optim.groups])
+  optim = config.optim.copy_and_resolve_references()
+  with optim.unlocked():
+    optim.total_steps = config.total_steps
+  tx = optim_lib.make_optimizer(optim, labels)
+  shardings, abstract_opt = state_shardings(tx, abstract_params, param_shardings, labels, mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  step_fn = make_train_step(model, tx, labels, optim_lib.schedule(optim), config.get("z_loss", 0.0),
+                            config.get("grad_accum", 1))
+  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  return StepSetup(mesh, rules, model, abstract_params, param_shardings, labels, optim, tx, shardings,
+                   abstract_opt, batch_sharding, jitted)
 
 
 # ----------------------------------------------------------------------------- initial parameters
@@ -124,11 +161,13 @@ class MetricsLog:
         kept = [l for l in f if json.loads(l).get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(kept)
+    import tensorflow as tf  # a pinned dependency already (TFDS); writes TensorBoard events
     try:
-      from flax.metrics import tensorboard
-      self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # TensorBoard needs TensorFlow; the JSONL log is enough without it
-      self.writer = None
+      tf.config.set_visible_devices([], "GPU")  # TF only writes files here; keep it off the GPUs
+    except RuntimeError:  # TF already initialised by someone else
+      pass
+    self.tf = tf
+    self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
@@ -136,8 +175,13 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, **metrics}) + "\n")
     if self.writer:
-      for k, v in metrics.items():
-        self.writer.scalar(k, v, step)
+      # tf.summary.write with the scalars plugin's metadata: what tf.summary.scalar
+      # writes, without needing the `tensorboard` package at write time.
+      from tensorflow.core.framework import summary_pb2
+      meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+      with self.writer.as_default(step=step):
+        for k, v in metrics.items():
+          self.tf.summary.write(k, self.tf.constant(float(v), self.tf.float32), metadata=meta)
 
   def close(self):
     if self.writer:
@@ -174,18 +218,9 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  # --- Mesh, model, optimiser.
-  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
-  rules = [tuple(r) for r in config.rules]
-  model = build_model(config.model)
-  abstract_params, param_shardings = param_shapes_and_shardings(model, mesh, rules)
-  labels = optim_lib.path_labels(abstract_params, [tuple(g) for g in config.optim.groups])
-  optim = config.optim.copy_and_resolve_references()
-  with optim.unlocked():
-    optim.total_steps = config.total_steps
-  tx = optim_lib.make_optimizer(optim, labels)
-  shardings, abstract_opt = state_shardings(tx, abstract_params, param_shardings, labels, mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  # --- Mesh, model, optimiser, jitted step.
+  (mesh, rules, model, abstract_params, param_shardings, labels, optim, tx, shardings, abstract_opt,
+   batch_sharding, jitted) = step_setup(config, devices)
 
   # --- Data and state: resume, or start.
   data = make_data(config, model)
@@ -208,11 +243,6 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
     rng = jax.random.key_data(jax.random.key(config.seed))
     state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
     state = jax.device_put(state, shardings)
-
-  step_fn = make_train_step(model, tx, labels, optim_lib.schedule(optim), config.get("z_loss", 0.0),
-                            config.get("grad_accum", 1))
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
 
   # --- Preemption: SIGTERM sets a flag; the loop saves and returns.
   preempted = {"flag": False}
