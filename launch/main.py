@@ -32,44 +32,25 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 _LOCAL_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Virtual CPU devices in this process (testing).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = {}
+
+def _lazy(target: str):
+  """`"module:function"` -> a job that imports its module only when it runs."""
+  module, function = target.split(":")
+
+  def run(config, workdir):
+    import importlib
+    return getattr(importlib.import_module(module), function)(config, workdir)
+  return run
 
 
-def job(name):
-  def register(fn):
-    JOBS[name] = fn
-    return fn
-  return register
-
-
-@job("train")
-def _train(config, workdir):
-  from vlm_jax.train.loop import train
-  train(config, workdir)
-
-
-@job("vila")
-def _vila(config, workdir):
-  from vlm_jax.train.vila import run
-  run(config, workdir)
-
-
-@job("soup")
-def _soup(config, workdir):
-  from vlm_jax.soups import run
-  run(config, workdir)
-
-
-@job("score")
-def _score(config, workdir):
-  from vlm_jax.curation.perplexity import score
-  score(config, workdir)
-
-
-@job("filter")
-def _filter(config, workdir):
-  from vlm_jax.curation.perplexity import filter_data
-  filter_data(config, workdir)
+# config.job -> what runs it, as `(config, workdir)`.
+JOBS = {name: _lazy(target) for name, target in {
+    "train": "vlm_jax.train.loop:train",
+    "vila": "vlm_jax.train.vila:run",
+    "soup": "vlm_jax.soups:run",
+    "score": "vlm_jax.curation.perplexity:score",
+    "filter": "vlm_jax.curation.perplexity:filter_data",
+}.items()}
 
 
 def main(argv):
