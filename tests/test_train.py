@@ -211,3 +211,27 @@ def test_metrics_go_to_jsonl_and_tensorboard(straight_run):
   events = [f for _, _, fs in os.walk(os.path.join(straight_run, "tensorboard")) for f in fs]
   assert any(f.startswith("events.out.tfevents") for f in events)
   assert json.load(open(os.path.join(straight_run, "config.json")))["total_steps"] == 20
+
+
+def test_init_from_a_hugging_face_folder(tmp_path):
+  """`init: hf:<folder>` loads the weights (stacked when the config scans layers) or names the mismatch."""
+  import vlm_jax
+  from vlm_jax.models import build_model, init_params
+  from vlm_jax.train.loop import initial_params
+  c = config()
+  model = build_model(c.model)
+  params = init_params(model, jax.random.key(3))
+  vlm_jax.to_hf(model, params, str(tmp_path / "hf"))
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  with c.unlocked():
+    c.model.text.scan_layers = True
+  scanned = build_model(c.model)
+  abstract, shardings = param_shapes_and_shardings(scanned, mesh, c.rules)
+  loaded = initial_params(f"hf:{tmp_path / 'hf'}", scanned, abstract, shardings, seed=0)
+  np.testing.assert_array_equal(loaded["lm"]["layers"]["q"]["kernel"][1], params["lm"]["layers_1"]["q"]["kernel"])
+  with c.unlocked():
+    c.model.text.num_layers = 3
+  other = build_model(c.model)
+  abstract, shardings = param_shapes_and_shardings(other, mesh, c.rules)
+  with pytest.raises(ValueError, match="does not fit config.model: parameter 'lm/layers/"):
+    initial_params(f"hf:{tmp_path / 'hf'}", other, abstract, shardings, seed=0)

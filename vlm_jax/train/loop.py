@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from vlm_jax.data import schema
 from vlm_jax.models.build import build_model
-from vlm_jax.models.params import example_inputs, stack_layers
+from vlm_jax.models.params import example_inputs
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel.distributed import global_batch
 from vlm_jax.train import optim as optim_lib
@@ -106,9 +106,8 @@ def initial_params(init: str, model: nn.Module, abstract_params, param_shardings
     return restore_params(path, abstract_like(abstract_params, param_shardings))
   if kind == "hf":
     from vlm_jax.interop import from_hf
-    _, params = from_hf(path)
-    if getattr(model.config, "text", model.config).scan_layers:
-      params = {**params, "lm": stack_layers(params["lm"])} if "lm" in params else stack_layers(params)
+    scanned = getattr(getattr(model.config, "text", model.config), "scan_layers", False)
+    _, params = from_hf(path, **({"scan_layers": True} if scanned else {}))  # from_hf stacks the layers
     check_same_shapes(params, abstract_params, path)
     return jax.device_put(params, param_shardings)
   raise ValueError(f"config.init must be 'scratch', 'hf:<folder>' or 'checkpoint:<workdir>', got {init!r}")
