@@ -59,3 +59,12 @@ def config_from_dict(cfg: Mapping[str, Any]):
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
   module, config = config_from_dict(cfg)
   return module(config)
+
+
+def model_config(model: nn.Module) -> dict:
+  """The `model` block that rebuilds `model` (inverse of `config_from_dict`), e.g. for a model read by from_hf."""
+  kinds = {DecoderLM: "lm", VisionTower: "vision", VLM: "vlm", ContrastiveModel: "contrastive"}
+  fields = dataclasses.asdict(model.config)
+  if isinstance(model, VisionTower):
+    fields = {"vision": fields}
+  return {"kind": kinds[type(model)], **fields}

@@ -67,6 +67,15 @@ class LMOutput:
   hidden: Optional[jax.Array] = None
 
 
+def attention_mask_matrix(key_mask: jax.Array, query_slots: jax.Array, key_slots: jax.Array,
+                          segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """[b, queries, keys] boolean mask: causal over slots, valid keys only, within a packed segment."""
+  mask = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask
+
+
 class DecoderBlock(nn.Module):
   """One pre-norm decoder layer. Scan-compatible: `(x, ..., kv) -> (x, new kv)`.
 
@@ -186,11 +195,9 @@ class DecoderLM(nn.Module):
     else:
       key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask, (0, start))
       key_slots = jnp.arange(cache.key_mask.shape[1])
-    mask = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
-    if segment_ids is not None:
-      if cache is not None:
-        raise ValueError("segment_ids (packing) are for training, not for decoding with a cache")
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packing) are for training, not for decoding with a cache")
+    mask = attention_mask_matrix(key_mask, query_slots, key_slots, segment_ids)
 
     if c.scan_layers:
       xs = None if cache is None else (cache.k, cache.v, None)

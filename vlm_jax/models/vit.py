@@ -88,6 +88,12 @@ class AttentionPoolingHead(nn.Module):
     return h[:, 0]
 
 
+def encoder_block(c: ViTConfig, name: Optional[str] = None) -> EncoderBlock:
+  """Block `i` of the tower (also run on its own by layer-wise calibration)."""
+  return EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, name=name,
+                      dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+
+
 class VisionTower(nn.Module):
   """`apply({'params': p}, images [n, h, w, 3]) -> VisionOutput`.
 
@@ -126,7 +132,7 @@ class VisionTower(nn.Module):
     for i in range(c.depth):
       if i >= last and not run_all:
         break
-      x = EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, name=f"layers_{i}", **kw)(x)
+      x = encoder_block(c, name=f"layers_{i}")(x)
       if i + 1 == last:
         features = x
     if not run_all:

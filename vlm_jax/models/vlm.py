@@ -67,6 +67,12 @@ def check_image_tokens(input_ids, image_token_id: int, num_images: int, tokens_p
         f"x {tokens_per_image} tokens per image = {num_images * tokens_per_image} were given")
 
 
+def projector_of(c: VLMConfig) -> Projector:
+  """The VLM's projector (also run on its own by layer-wise calibration)."""
+  return Projector(c.projector, c.text.embed_dim, c.projector_bias, c.projector_act,
+                   dtype=jnp.dtype(c.text.dtype), param_dtype=jnp.dtype(c.text.param_dtype))
+
+
 class VLM(nn.Module):
   """`apply({'params': p}, input_ids, images=...) -> LMOutput`.
 
@@ -82,8 +88,7 @@ class VLM(nn.Module):
   def setup(self):
     c = self.config
     self.vision = VisionTower(c.vision)
-    self.projector = Projector(c.projector, c.text.embed_dim, c.projector_bias, c.projector_act,
-                               dtype=jnp.dtype(c.text.dtype), param_dtype=jnp.dtype(c.text.param_dtype))
+    self.projector = projector_of(c)
     self.lm = DecoderLM(c.text)
 
   def encode_images(self, images: jax.Array) -> jax.Array:
@@ -96,24 +101,29 @@ class VLM(nn.Module):
     feats = self.projector(feats)
     return feats.reshape(*lead, *feats.shape[1:])
 
+  def input_embeddings(self, input_ids: jax.Array, image_embeds: Optional[jax.Array] = None) -> jax.Array:
+    """What the decoder's first layer sees: token embeddings with the image features spliced in."""
+    c = self.config
+    embeds = self.lm.embed(jnp.where(input_ids == c.image_token_id, 0, input_ids)
+                           if c.image_token_id >= c.text.vocab_size else input_ids)
+    if image_embeds is None:
+      return embeds
+    if image_embeds.ndim == 3:
+      check_image_tokens(input_ids, c.image_token_id, image_embeds.shape[0], image_embeds.shape[1])
+    return splice_images(embeds, image_embeds, input_ids == c.image_token_id)
+
   def __call__(self, input_ids: jax.Array, images: Optional[jax.Array] = None, *,
                image_embeds: Optional[jax.Array] = None,
                attention_mask: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None,
                cache: Optional[KVCache] = None) -> LMOutput:
-    c = self.config
-    embeds = self.lm.embed(jnp.where(input_ids == c.image_token_id, 0, input_ids)
-                           if c.image_token_id >= c.text.vocab_size else input_ids)
     if images is not None and image_embeds is not None:
       raise ValueError("pass either images or image_embeds, not both")
     if images is not None:
       image_embeds = self.encode_images(images)
     elif self.is_initializing():
-      self.encode_images(jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)))
-    if image_embeds is not None:
-      if image_embeds.ndim == 3:
-        check_image_tokens(input_ids, c.image_token_id, image_embeds.shape[0], image_embeds.shape[1])
-      embeds = splice_images(embeds, image_embeds, input_ids == c.image_token_id)
+      self.encode_images(jnp.zeros((1, self.config.vision.image_size, self.config.vision.image_size, 3)))
+    embeds = self.input_embeddings(input_ids, image_embeds)
     return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
                    segment_ids=segment_ids, cache=cache)

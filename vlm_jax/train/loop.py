@@ -30,7 +30,9 @@ from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel.distributed import global_batch
 from vlm_jax.train import optim as optim_lib
 from vlm_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
-from vlm_jax.train.step import TrainState, make_train_step
+from vlm_jax.peft import lora as lora_lib
+from vlm_jax.sparsity import masks as masks_lib
+from vlm_jax.train.step import SparseTraining, TrainState, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,19 @@ class StepSetup(NamedTuple):
   shardings: TrainState
   abstract_opt: Any
   batch_sharding: Any
-  step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+  step: Callable  # jitted (state, batch[, masks]) -> (state, metrics), state donated
+  sparse: Optional[SparseTraining] = None  # config.sparse: training a pruned model under its masks
+  mask_shardings: Any = None
+
+
+def sparse_training(config) -> Optional[SparseTraining]:
+  """`config.sparse` (masks: the prune job's workdir; lora_alpha 0 = masked full fine-tuning)."""
+  sparse = config.get("sparse")
+  if not sparse or not sparse.get("masks"):
+    return None
+  return SparseTraining(lora_alpha=float(sparse.get("lora_alpha", 0.0)) or None,
+                        kd_weight=float(sparse.get("kd_weight", 0.0)),
+                        kd_temperature=float(sparse.get("kd_temperature", 1.0)))
 
 
 def step_setup(config, devices: Optional[Sequence[jax.Device]] = None) -> StepSetup:
@@ -79,6 +93,14 @@ def step_setup(config, devices: Optional[Sequence[jax.Device]] = None) -> StepSe
   rules = [tuple(r) for r in config.rules]
   model = build_model(config.model)
   abstract_params, param_shardings = param_shapes_and_shardings(model, mesh, rules)
+  sparse, mask_shardings = sparse_training(config), None
+  if sparse:
+    mask_shardings = masks_lib.mask_shardings(config.sparse.masks, param_shardings)
+    if sparse.lora_alpha:  # the state holds the dense frozen base and the adapters
+      adapters = lora_lib.abstract(abstract_params, [tuple(r) for r in config.sparse.lora_ranks])
+      abstract_params = {"base": abstract_params, "lora": adapters}
+      param_shardings = {"base": param_shardings,
+                         "lora": jax.tree.map(lambda _: mesh_lib.replicated(mesh), adapters)}
   labels = optim_lib.path_labels(abstract_params, [tuple(g) for g in config.optim.groups])
   optim = config.optim.copy_and_resolve_references()
   with optim.unlocked():
@@ -87,11 +109,12 @@ def step_setup(config, devices: Optional[Sequence[jax.Device]] = None) -> StepSe
   shardings, abstract_opt = state_shardings(tx, abstract_params, param_shardings, labels, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   step_fn = make_train_step(model, tx, labels, optim_lib.schedule(optim), config.get("z_loss", 0.0),
-                            config.get("grad_accum", 1))
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                            config.get("grad_accum", 1), sparse)
+  in_shardings = (shardings, batch_sharding) + ((mask_shardings,) if sparse else ())
+  jitted = jax.jit(step_fn, in_shardings=in_shardings,
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   return StepSetup(mesh, rules, model, abstract_params, param_shardings, labels, optim, tx, shardings,
-                   abstract_opt, batch_sharding, jitted)
+                   abstract_opt, batch_sharding, jitted, sparse, mask_shardings)
 
 
 # ----------------------------------------------------------------------------- initial parameters
@@ -111,6 +134,17 @@ def initial_params(init: str, model: nn.Module, abstract_params, param_shardings
     check_same_shapes(params, abstract_params, path)
     return jax.device_put(params, param_shardings)
   raise ValueError(f"config.init must be 'scratch', 'hf:<folder>' or 'checkpoint:<workdir>', got {init!r}")
+
+
+def sparse_initial_params(config, setup: StepSetup, masks: dict) -> dict:
+  """A pruned model's start: `config.init` under its masks, or the dense base plus fresh adapters."""
+  if not setup.sparse.lora_alpha:
+    params = initial_params(config.init, setup.model, setup.abstract_params, setup.param_shardings, config.seed)
+    return masks_lib.apply_masks(params, masks)
+  base = initial_params(config.init, setup.model, setup.abstract_params["base"], setup.param_shardings["base"],
+                        config.seed)
+  adapters = lora_lib.init(base, [tuple(r) for r in config.sparse.lora_ranks], jax.random.key(config.seed))
+  return {"base": base, "lora": jax.device_put(adapters, setup.param_shardings["lora"])}
 
 
 def check_same_shapes(params, abstract, source: str) -> None:
@@ -218,8 +252,15 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
       f.write(config.to_json_best_effort(indent=2))
 
   # --- Mesh, model, optimiser, jitted step.
+  setup = step_setup(config, devices)
   (mesh, rules, model, abstract_params, param_shardings, labels, optim, tx, shardings, abstract_opt,
-   batch_sharding, jitted) = step_setup(config, devices)
+   batch_sharding, jitted, sparse, _) = setup
+  masks = None
+  if sparse:  # an explicit input of every step
+    base_abstract, base_shardings = ((abstract_params["base"], param_shardings["base"]) if sparse.lora_alpha
+                                     else (abstract_params, param_shardings))
+    masks = masks_lib.load_masks(config.sparse.masks, base_abstract, base_shardings)
+  step_inputs = () if masks is None else (masks,)
 
   # --- Data and state: resume, or start.
   data = make_data(config, model)
@@ -236,7 +277,8 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
     log.info("resumed from step %d", start)
   else:
     start = 0
-    params = initial_params(config.init, model, abstract_params, param_shardings, config.seed)
+    params = sparse_initial_params(config, setup, masks) if sparse else \
+        initial_params(config.init, model, abstract_params, param_shardings, config.seed)
     trainable, _ = optim_lib.split(params, labels)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     rng = jax.random.key_data(jax.random.key(config.seed))
@@ -278,7 +320,7 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
           raise Preempted()
         t_step = time.perf_counter()
         batch = next(data)
-        state, metrics = jitted(state, global_batch(schema.device_batch(batch), batch_sharding))
+        state, metrics = jitted(state, global_batch(schema.device_batch(batch), batch_sharding), *step_inputs)
         if pending is not None:
           record(pending)
         tokens = int(np.asarray(batch["attention_mask"]).sum()) * jax.process_count()

@@ -1,6 +1,7 @@
 """The train state and the pure train step `(state, batch) -> (state, metrics)`."""
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from vlm_jax.models.vlm import VLM
+from vlm_jax.peft import lora as lora_lib
 from vlm_jax.train import optim as optim_lib
 
 
@@ -51,17 +53,72 @@ def loss_sums(logits: jax.Array, batch: dict, z_loss: float) -> tuple[jax.Array,
   return aux["ce_sum"] + z_loss * aux["z_sum"], aux
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: dict,
-                    lr_schedule: Callable, z_loss: float = 0.0, grad_accum: int = 1):
-  """Builds the pure step. `labels` (from `optim.path_labels`) fix what trains."""
+def kd_sum(student_logits: jax.Array, teacher_logits: jax.Array, batch: dict, temperature: float) -> jax.Array:
+  """Σ over target tokens of KL(p_teacher ‖ p_student), both softmaxes at temperature T.
 
-  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  Divided by the target-token count by the caller ("batchmean" per token); no
+  T² factor (the reference repair uses T = 1).
+  """
+  s = jax.nn.log_softmax(student_logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
+  t = jax.nn.log_softmax(teacher_logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+  return jnp.sum(kl * batch["loss_mask"][:, 1:].astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTraining:
+  """How a pruned model trains (METHODS §4); the masks are an explicit input of the step.
+
+  lora_alpha None: full fine-tuning under the mask (gradients and weights are
+    masked, so pruned weights stay exactly zero).
+  lora_alpha α: SparseLoRA repair. The parameters are `{"base": dense frozen
+    model, "lora": adapters}`; the student runs `(W + (α/r)AB) ⊙ M`, and with
+    kd_weight λ > 0 the loss is `(1−λ)·task + λ·KL(dense teacher ‖ student)`,
+    the teacher being `base` itself (no second copy of the weights).
+  """
+  lora_alpha: Optional[float] = None
+  kd_weight: float = 0.0
+  kd_temperature: float = 1.0
+
+  def __post_init__(self):
+    if self.kd_weight and self.lora_alpha is None:
+      raise ValueError("distillation needs the dense teacher: use SparseLoRA (lora_alpha), where the frozen "
+                       "base is the teacher; masked full fine-tuning has no dense copy")
+
+
+def _masked(tree: dict, flat_masks: dict) -> dict:
+  """Zeroes the masked entries of a flat path-keyed tree (gradients, updated weights)."""
+  return {k: (jnp.where(flat_masks[k], v, jnp.zeros((), v.dtype)) if k in flat_masks else v) for k, v in tree.items()}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: dict,
+                    lr_schedule: Callable, z_loss: float = 0.0, grad_accum: int = 1,
+                    sparse: Optional[SparseTraining] = None):
+  """Builds the pure step `(state, batch[, masks]) -> (state, metrics)`.
+
+  `labels` (from `optim.path_labels`) fix what trains; `sparse` (with masks)
+  trains a pruned model, see `SparseTraining`.
+  """
+  lora_alpha = sparse.lora_alpha if sparse else None
+  kd_weight = sparse.kd_weight if sparse else 0.0
+
+  def step_fn(state: TrainState, batch: dict, masks: Optional[dict] = None) -> tuple[TrainState, dict]:
     trainable, frozen = optim_lib.split(state.params, labels)
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1.0)
+    flat_masks = {}
+    if masks is not None and lora_alpha is None:
+      flat_masks = {k: v for k, v in flax.traverse_util.flatten_dict(masks, sep="/").items() if k in trainable}
 
     def loss_fn(train_params, micro):
-      logits = forward(model, optim_lib.merge(train_params, frozen), micro)
+      params = optim_lib.merge(train_params, frozen)
+      student = lora_lib.merge(params["base"], params["lora"], masks, lora_alpha) if lora_alpha else params
+      logits = forward(model, student, micro)
       total, aux = loss_sums(logits, micro, z_loss)
+      aux["kd_sum"] = jnp.zeros((), jnp.float32)
+      if kd_weight:
+        teacher = jax.lax.stop_gradient(forward(model, params["base"], micro))
+        aux["kd_sum"] = kd_sum(logits, teacher, micro, sparse.kd_temperature)
+        total = (1.0 - kd_weight) * total + kd_weight * aux["kd_sum"]
       return total / n_tokens, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -75,11 +132,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
         return jax.tree.map(jnp.add, carry, (g, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, trainable)
-      zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "z_sum", "correct", "tokens")}
+      zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "z_sum", "correct", "tokens", "kd_sum")}
       (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), micro)
 
+    grads = _masked(grads, flat_masks)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    trainable = _masked(optax.apply_updates(trainable, updates), flat_masks)
     params = optim_lib.merge(trainable, frozen)
     tokens = jnp.maximum(aux["tokens"], 1.0)
     metrics = {
@@ -91,6 +149,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
         "lr": lr_schedule(state.step),
         "target_tokens": aux["tokens"],
     }
+    if kd_weight:
+      metrics["kd"] = aux["kd_sum"] / tokens
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 

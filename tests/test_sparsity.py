@@ -1,0 +1,147 @@
+"""Masks, pruners and layer-wise calibration (vlm_jax.sparsity), against an independent reference."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import vlm_jax
+from vlm_jax import sparsity
+from vlm_jax.sparsity import masks as masks_lib
+from vlm_jax.sparsity import pruners
+from vlm_jax.models.params import unstack_layers
+
+from tests import sparsity_reference as ref
+
+TORCH_NAMES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+               "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+
+
+def _ours(name: str, prefix: str = "") -> str:
+  """"model.layers.1.mlp.up_proj" -> "layers_1/up/kernel"."""
+  _, _, layer, rest = name.split(".", 3)
+  return f"{prefix}layers_{layer}/{TORCH_NAMES[rest]}/kernel"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("llama")
+  ref.tiny_llama().save_pretrained(folder)
+  return str(folder)
+
+
+@pytest.mark.parametrize("method,pattern,sparsity_ratio,n,m", [
+    ("wanda", "row", 0.5, 0, 0), ("wanda", "2:4", 0.5, 2, 4), ("wanda", "4:8", 0.5, 4, 8),
+    ("wanda", "row", 0.3, 0, 0),
+    ("magnitude", "matrix", 0.5, 0, 0), ("magnitude", "2:4", 0.5, 2, 4),
+])
+@pytest.mark.parametrize("scan", [False, True])
+def test_masks_equal_the_reference_procedure(llama, method, pattern, sparsity_ratio, n, m, scan):
+  """Element for element, on a transformers LLaMA with fixed calibration tokens."""
+  import transformers
+  torch_model = transformers.LlamaForCausalLM.from_pretrained(llama).float().eval()
+  ids = ref.calibration_ids()
+  want = ref.reference_prune(torch_model, ids, method, sparsity_ratio, n, m)
+
+  model, params = vlm_jax.from_hf(llama, scan_layers=scan)
+  batches = [{"input_ids": ids[:5].numpy(), "attention_mask": np.ones((5, 16), np.int32)},
+             {"input_ids": ids[5:].numpy(), "attention_mask": np.ones((3, 16), np.int32)}]
+  pruned, got = sparsity.prune(model, params, method=method, pattern=pattern, ratios={"lm": sparsity_ratio},
+                               calibration=batches, progress=False)
+  if scan:  # compare layer by layer
+    pruned, got = unstack_layers(pruned), unstack_layers(got)
+  got, flat_pruned = masks_lib.flat(got), masks_lib.flat(pruned)
+  assert sorted(got) == sorted(_ours(k) for k in want)
+  for name, pruned_ref in want.items():
+    ours = ~np.asarray(got[_ours(name)]).T  # ours: [in, out], True = kept
+    np.testing.assert_array_equal(ours, pruned_ref.numpy(), err_msg=name)
+  # The pruned weights are zero exactly where the reference's are.
+  for name, module in ref.linears(torch_model.model.layers, "model.layers").items():
+    np.testing.assert_array_equal(np.asarray(flat_pruned[_ours(name)]).T == 0,
+                                  module.weight.detach().numpy() == 0, err_msg=name)
+
+
+def test_nm_groups_have_exactly_n_zeros():
+  k = jax.random.normal(jax.random.key(0), (3, 64, 24))  # a leading (layer) axis too
+  for n, m in [(2, 4), (4, 8), (1, 4), (3, 8)]:
+    keep = np.asarray(masks_lib.nm_mask(k, n, m))
+    groups = keep.reshape(3, 64 // m, m, 24)
+    assert (np.sum(~groups, axis=2) == n).all()
+
+
+def test_row_ratios_are_exact_and_ties_prune_the_lower_index():
+  scores = jnp.asarray(np.random.default_rng(0).normal(size=(50, 7)))
+  for ratio in (0.1, 0.5, 0.7, 0.99):
+    keep = np.asarray(masks_lib.row_mask(scores, ratio))
+    assert (np.sum(~keep, axis=0) == int(50 * ratio)).all()
+  ties = jnp.zeros((6, 2))
+  np.testing.assert_array_equal(np.asarray(masks_lib.row_mask(ties, 0.5))[:, 0], [0, 0, 0, 1, 1, 1])
+
+
+def test_allocation_by_tower_and_override_and_errors():
+  params = {"vision": {"layers_0": {"mlp": {"fc1": {"kernel": np.ones((4, 8))}}}},
+            "projector": {"linear_1": {"kernel": np.ones((4, 8)), "bias": np.ones(8)}},
+            "lm": {"layers_0": {"q": {"kernel": np.ones((8, 8))}, "attn_norm": {"scale": np.ones(8)}},
+                   "lm_head": {"kernel": np.ones((8, 16))}, "embed": {"embedding": np.ones((16, 8))}}}
+  t = masks_lib.targets(params, {"vision": 0.5, "lm": 0.7}, overrides=[("lm/layers_0/q/.*", 0.2)])
+  assert t == {"vision/layers_0/mlp/fc1/kernel": 0.5, "lm/layers_0/q/kernel": 0.2}
+  t = masks_lib.targets(params, {"lm": 0.5}, include=[r"lm/embed/embedding"], exclude=())
+  assert set(t) == {"lm/layers_0/q/kernel", "lm/lm_head/kernel", "lm/embed/embedding"}
+  with pytest.raises(ValueError, match="unknown tower"):
+    masks_lib.targets(params, {"text": 0.5})
+  with pytest.raises(ValueError, match="2:4 prunes exactly 0.5"):
+    masks_lib.targets(params, {"lm": 0.7}, pattern="2:4")
+  with pytest.raises(ValueError, match="N:M"):
+    masks_lib.parse_pattern("4:2")
+
+
+def test_sparsegpt_prunes_exactly_and_beats_magnitude_on_the_layer_output():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(256, 32)) * rng.uniform(0.1, 3.0, size=32)  # uneven input scales
+  w = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+  h = jnp.asarray(x.T @ x, jnp.float32)
+  for pattern in ("row", "2:4"):
+    new, keep = pruners.sparsegpt(w, h, 0.5, pattern, blocksize=16)
+    keep = np.asarray(keep)
+    assert (np.asarray(new)[~keep] == 0).all()
+    if pattern == "2:4":
+      assert (np.sum(~keep.reshape(8, 4, 16), axis=1) == 2).all()
+    else:
+      assert abs((~keep).mean() - 0.5) < 0.05
+    err = np.linalg.norm(x @ (np.asarray(w) - np.asarray(new)))
+    mag = np.asarray(pruners.magnitude(w, 0.5, pattern))
+    err_mag = np.linalg.norm(x @ (np.asarray(w) * (1 - mag)))
+    assert err < 0.7 * err_mag, (pattern, err, err_mag)
+
+
+def test_vlm_calibration_prunes_every_tower_at_its_ratio(tmp_path):
+  from configs import models
+  from vlm_jax.models.build import build_model
+  from vlm_jax.models.params import init_params
+  model = build_model(models.preset("tiny"))
+  params = init_params(model, jax.random.key(0))
+  c = model.config
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 100, (2, 40)).astype(np.int32)
+  ids[0, 2:2 + c.tokens_per_image] = c.image_token_id  # row 0 uses one of its 2 slots, row 1 none
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+           "images": rng.normal(size=(2, 2, 32, 32, 3)).astype(np.float32)}
+  pruned, m = sparsity.prune(model, params, method="wanda", ratios={"vision": 0.5, "projector": 0.25, "lm": 0.7},
+                             calibration=[batch], progress=False)
+  rows = {r["name"]: r["sparsity"] for r in sparsity.sparsity_report(pruned, m)}
+  assert rows["[vision masked]"] == rows["[vision linear]"] == pytest.approx(0.5)
+  assert rows["[projector masked]"] == pytest.approx(0.25)
+  lm_kernels = [k for k in rows if k.startswith("lm/")]
+  assert lm_kernels and all(rows[k] == pytest.approx(0.7, abs=0.01) for k in lm_kernels)
+  assert "lm/lm_head/kernel" not in rows
+
+
+def test_masks_from_another_model_are_refused():
+  params = {"a": {"kernel": np.ones((4, 4))}}
+  with pytest.raises(ValueError, match="not a parameter"):
+    masks_lib.check_masks_fit(params, {"b": {"kernel": np.ones((4, 4), bool)}})
+  with pytest.raises(ValueError, match="shape"):
+    masks_lib.check_masks_fit(params, {"a": {"kernel": np.ones((4, 2), bool)}})

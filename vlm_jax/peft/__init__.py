@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: LoRA and SparseLoRA (`lora.py`)."""

@@ -1,0 +1,89 @@
+"""LoRA and SparseLoRA as a transform of the parameter tree (METHODS §4).
+
+Every adapted kernel W `[..., in, out]` gets factors A `[..., in, r]` and B
+`[..., r, out]` (B starts at zero, so training starts from the base model).
+The model always runs on the merged kernel
+
+    W' = (W + (α/r)·A·B) ⊙ M      (M: the kernel's sparsity mask, if it has one)
+
+which for M = 1 is plain LoRA (`x·W + (α/r)·x·A·B`, computed as one matmul)
+and otherwise SparseLoRA: the mask applies to the sum, so the merged weights
+are exactly as sparse as M, and exporting is this same function. The base
+stays frozen and dense (the distillation teacher is `base` itself).
+
+The adapter tree mirrors the parameters: `lora[...]["q"]["kernel"] = {"a", "b"}`,
+so it shards, checkpoints and exports like any pytree. A kernel's rank is the
+last axis of its A; α is one number for the whole model.
+
+Dropout on the adapter's input (the usual `lora_dropout`) is not offered: it
+needs a separate per-token adapter path, which SparseLoRA's masked sum rules out.
+"""
+
+import re
+from typing import Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.sparsity.masks import LINEAR_KERNEL, flat, unflat
+
+
+def adapted_kernels(params: dict, ranks: Iterable[tuple[str, int]]) -> dict[str, int]:
+  """{kernel path: rank} for linear kernels matching a `(path regex, rank)` (first match wins; rank 0 skips)."""
+  rules = [(re.compile(p), int(r)) for p, r in ranks]
+  out = {}
+  for path, leaf in flat(params).items():
+    if not (LINEAR_KERNEL.fullmatch(path) and np.ndim(leaf) in (2, 3)):
+      continue
+    rank = next((r for p, r in rules if p.fullmatch(path)), 0)
+    if rank:
+      out[path] = rank
+  if not out:
+    raise ValueError(f"no linear kernel matches the LoRA targets {[p for p, _ in ranks]}")
+  return out
+
+
+def init(params: dict, ranks: Iterable[tuple[str, int]], rng: jax.Array) -> dict:
+  """Fresh adapters: A ~ U(±1/√in) (PEFT's default), B = 0."""
+  chosen = adapted_kernels(params, ranks)
+  fp = flat(params)
+  out = {}
+  for i, (path, rank) in enumerate(sorted(chosen.items())):
+    w = fp[path]
+    *lead, fan_in, fan_out = np.shape(w)
+    bound = 1.0 / np.sqrt(fan_in)
+    a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, fan_in, rank), jnp.float32, -bound, bound)
+    out[path] = {"a": a, "b": jnp.zeros((*lead, rank, fan_out), jnp.float32)}
+  return unflat({f"{p}/{k}": v for p, ab in out.items() for k, v in ab.items()})
+
+
+def abstract(params: dict, ranks: Iterable[tuple[str, int]]) -> dict:
+  """ShapeDtypeStructs of `init`'s adapters, without allocating them."""
+  return jax.eval_shape(lambda: init(params, ranks, jax.random.key(0)))
+
+
+def _factors(lora: dict) -> dict[str, dict]:
+  return {path[: -len("/a")]: {"a": a, "b": flat(lora)[path[: -len("/a")] + "/b"]}
+          for path, a in flat(lora).items() if path.endswith("/a")}
+
+
+def merge(params: dict, lora: Optional[dict], masks: Optional[dict], alpha: float) -> dict:
+  """The kernels the model runs on: `(W + (α/r)·A·B) ⊙ M`, differentiable in the adapters."""
+  factors = _factors(lora) if lora else {}
+  fm = flat(masks) if masks else {}
+  out = {}
+  for path, w in flat(params).items():
+    if path in factors:
+      a, b = factors[path]["a"], factors[path]["b"]
+      delta = (alpha / a.shape[-1]) * jnp.einsum("...ir,...ro->...io", a, b)
+      w = (w.astype(jnp.float32) + delta).astype(w.dtype)
+    if path in fm:
+      w = jnp.where(fm[path], w, jnp.zeros((), w.dtype))
+    out[path] = w
+  return unflat(out)
+
+
+def merge_scale(lora: dict) -> dict[str, int]:
+  """{kernel path: rank}: what an exported adapter set needs besides α."""
+  return {p: int(f["a"].shape[-1]) for p, f in _factors(lora).items()}

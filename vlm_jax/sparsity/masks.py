@@ -1,0 +1,232 @@
+"""Sparsity masks as boolean pytrees beside the parameters (METHODS §4).
+
+A mask tree has the nested-dict structure of the parameters but holds only the
+pruned leaves: `masks["lm"]["layers_0"]["attn"]...` is missing where nothing is
+pruned. `True` means kept. Masks are ordinary arrays: they shard like their
+parameters and go into jitted steps as explicit inputs.
+
+Kernels are `[in, out]` (`y = x @ W`), so the reference's "output row" is a
+column here and N:M groups run down the input axis (axis -2). A leading layer
+axis (scanned layers) is kept: every pattern works on the last two axes.
+
+Patterns, each from a score array of the kernel's shape (low = pruned first):
+  row       unstructured per output unit: the ⌊s·in⌋ lowest scores of each
+            output unit, stable order (equal scores: lower input index first)
+  matrix    unstructured per matrix, the reference magnitude pruner's rule:
+            t = the ⌊s·n⌋-th smallest score (0-based); prune every score ≤ t,
+            i.e. ⌊s·n⌋+1 weights when all scores differ
+  N:M       in every group of M consecutive inputs, the N lowest (e.g. "2:4")
+"""
+
+import re
+from typing import Any, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+Params = dict
+Masks = dict
+
+TOWERS = ("vision", "projector", "lm")
+# Linear kernels (2-D, or 3-D when scanned); 4-D conv kernels (patch embeddings)
+# do not match. Output heads and embeddings are opted in by path.
+LINEAR_KERNEL = re.compile(r".*/kernel$")
+DEFAULT_EXCLUDE = (r"(^|.*/)lm_head/kernel$",)
+
+
+def flat(tree: dict) -> dict:
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def unflat(tree: dict) -> dict:
+  return traverse_util.unflatten_dict(tree, sep="/")
+
+
+def tower_of(path: str) -> str:
+  """`vision` | `projector` | `lm`; a plain LM's parameters all belong to `lm`."""
+  head = path.split("/", 1)[0]
+  return head if head in TOWERS else "lm"
+
+
+def parse_pattern(pattern: str) -> tuple[str, int, int]:
+  """"row" | "matrix" | "N:M" -> (kind, n, m)."""
+  if pattern in ("row", "matrix"):
+    return pattern, 0, 0
+  match = re.fullmatch(r"(\d+):(\d+)", pattern)
+  if not match or not 0 < int(match[1]) < int(match[2]):
+    raise ValueError(f"sparsity pattern must be 'row', 'matrix' or 'N:M' with 0 < N < M, got {pattern!r}")
+  return "nm", int(match[1]), int(match[2])
+
+
+def _stable_ranks(scores: jax.Array, axis: int) -> jax.Array:
+  """Rank of each entry along `axis` in stable ascending order (0 = pruned first)."""
+  order = jnp.argsort(scores, axis=axis, stable=True)
+  return jnp.argsort(order, axis=axis, stable=True)
+
+
+def row_mask(scores: jax.Array, ratio: float) -> jax.Array:
+  k = int(scores.shape[-2] * ratio)
+  return _stable_ranks(scores, axis=-2) >= k
+
+
+def matrix_mask(scores: jax.Array, ratio: float) -> jax.Array:
+  lead = scores.shape[:-2]
+  flat_scores = scores.reshape(*lead, -1)
+  k = int(flat_scores.shape[-1] * ratio)
+  threshold = jnp.sort(flat_scores, axis=-1)[..., k]
+  return scores > threshold[..., None, None]
+
+
+def nm_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
+  *lead, fan_in, out = scores.shape
+  if fan_in % m:
+    raise ValueError(f"{n}:{m} sparsity needs the input size to be a multiple of {m}, got {fan_in}")
+  groups = scores.reshape(*lead, fan_in // m, m, out)
+  return (_stable_ranks(groups, axis=-2) >= n).reshape(scores.shape)
+
+
+def mask_from_scores(scores: jax.Array, ratio: float, pattern: str) -> jax.Array:
+  """The kept-mask of one kernel (any leading axes) from its scores."""
+  kind, n, m = parse_pattern(pattern)
+  if kind == "nm":
+    return nm_mask(scores, n, m)
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
+  return row_mask(scores, ratio) if kind == "row" else matrix_mask(scores, ratio)
+
+
+# ----------------------------------------------------------------------------- allocation
+
+def targets(params: Params, ratios: dict, pattern: str = "row",
+            overrides: Iterable[tuple[str, float]] = (), include: Iterable[str] = (),
+            exclude: Iterable[str] = DEFAULT_EXCLUDE) -> dict[str, float]:
+  """Which kernels to prune, and at what ratio: `{path: ratio}`.
+
+  ratios: per tower, e.g. {"vision": 0.5, "projector": 0.0, "lm": 0.5}.
+  overrides: (path regex, ratio), first match wins, e.g. ("lm/layers_0/.*", 0.3).
+  include: extra path regexes to prune besides linear kernels (embeddings,
+    norms, `lm_head`: their ratios come from their tower or an override).
+  With an N:M pattern each ratio must be 0 (not pruned) or N/M.
+  """
+  unknown = sorted(set(ratios) - set(TOWERS))
+  if unknown:
+    raise ValueError(f"unknown tower(s) {unknown} in sparsity ratios; towers are {TOWERS}")
+  overrides = [(re.compile(p), float(r)) for p, r in overrides]
+  include = [re.compile(p) for p in include]
+  exclude = [re.compile(p) for p in exclude]
+  kind, n, m = parse_pattern(pattern)
+  out = {}
+  for path, leaf in flat(params).items():
+    explicit = any(p.fullmatch(path) for p in include)
+    is_linear = LINEAR_KERNEL.fullmatch(path) and np.ndim(leaf) in (2, 3) and not any(
+        p.fullmatch(path) for p in exclude)
+    if not (explicit or is_linear):
+      continue
+    ratio = next((r for p, r in overrides if p.fullmatch(path)), ratios.get(tower_of(path), 0.0))
+    if ratio == 0.0:
+      continue
+    if kind == "nm" and not np.isclose(ratio, n / m):
+      raise ValueError(f"{pattern} prunes exactly {n / m:g} of {path}; its ratio is {ratio} (use 0 or {n / m:g})")
+    out[path] = float(ratio)
+  return out
+
+
+# ----------------------------------------------------------------------------- applying and reporting
+
+def apply_masks(params: Params, masks: Masks) -> Params:
+  """Zeroes the pruned weights (params outside the mask tree are returned as they are)."""
+  fm = flat(masks)
+  return unflat({k: (jnp.where(fm[k], v, jnp.zeros((), v.dtype)) if k in fm else v)
+                 for k, v in flat(params).items()})
+
+
+def check_masks_fit(params: Params, masks: Masks) -> None:
+  """A clear error for a mask tree from another model."""
+  fp = flat(params)
+  for path, mask in flat(masks).items():
+    if path not in fp:
+      raise ValueError(f"mask for {path!r}, which is not a parameter of this model")
+    if tuple(np.shape(mask)) != tuple(np.shape(fp[path])):
+      raise ValueError(f"mask for {path!r} has shape {np.shape(mask)}, the parameter {np.shape(fp[path])}")
+
+
+def sparsity_report(params: Params, masks: Optional[Masks] = None) -> list[dict]:
+  """Actual sparsity (exact zeros) per pruned kernel, per tower and overall.
+
+  Rows: one per kernel in `masks` (or every linear kernel when None); per tower
+  `[<tower> masked]` over its masked kernels and `[<tower> linear]` over all its
+  linear kernels (output head included); `[all linear]` over the whole model's.
+  """
+  fp = flat(params)
+  linear = {p for p, v in fp.items() if LINEAR_KERNEL.fullmatch(p) and np.ndim(v) in (2, 3)}
+  masked = set(flat(masks)) if masks is not None else linear
+  counts: dict[str, list[int]] = {}
+  rows = []
+  for path in sorted(linear | masked):
+    v = np.asarray(fp[path])
+    z, n = int(np.sum(v == 0)), int(v.size)
+    groups = ([f"[{tower_of(path)} linear]", "[all linear]"] if path in linear else []) + \
+             ([f"[{tower_of(path)} masked]"] if path in masked else [])
+    for g in groups:
+      c = counts.setdefault(g, [0, 0])
+      c[0], c[1] = c[0] + z, c[1] + n
+    if path in masked:
+      rows.append({"name": path, "zeros": z, "size": n, "sparsity": z / n})
+  order = [f"[{t} {kind}]" for t in TOWERS for kind in ("masked", "linear")] + ["[all linear]"]
+  rows += [{"name": g, "zeros": counts[g][0], "size": counts[g][1], "sparsity": counts[g][0] / max(counts[g][1], 1)}
+           for g in order if g in counts]
+  return rows
+
+
+def print_report(rows: list[dict], per_layer: bool = True) -> str:
+  from vlm_jax.eval.report import print_table
+  shown = [r for r in rows if per_layer or r["name"].startswith("[")]
+  return print_table(shown, "actual sparsity (exact zeros)", ["name", "zeros", "size", "sparsity"])
+
+
+# ----------------------------------------------------------------------------- files
+
+def save_masks(directory: str, masks: Masks) -> None:
+  """`<directory>/masks` (Orbax) and `<directory>/mask_paths.json` (what a run needs to shard them)."""
+  import json
+  import os
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, "masks"), masks, force=True)
+  with open(os.path.join(directory, "mask_paths.json"), "w") as f:
+    json.dump(sorted(flat(masks)), f, indent=1)
+
+
+def mask_paths(directory: str) -> list[str]:
+  import json
+  import os
+  path = os.path.join(directory, "mask_paths.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no masks in {directory!r} (expected mask_paths.json from the prune job)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def mask_shardings(directory: str, param_shardings: dict) -> dict:
+  """The masks' shardings: each its parameter's."""
+  fs = flat(param_shardings)
+  missing = [p for p in mask_paths(directory) if p not in fs]
+  if missing:
+    raise ValueError(f"the masks in {directory!r} are for another model: {missing[0]!r} is not a parameter here")
+  return unflat({p: fs[p] for p in mask_paths(directory)})
+
+
+def load_masks(directory: str, abstract_params: dict, param_shardings: dict) -> Masks:
+  """Masks saved by `save_masks`, placed like their parameters; a clear error when they don't fit."""
+  import os
+  import orbax.checkpoint as ocp
+  fa, shardings = flat(abstract_params), flat(mask_shardings(directory, param_shardings))
+  abstract = unflat({p: jax.ShapeDtypeStruct(fa[p].shape, jnp.bool_, sharding=s) for p, s in shardings.items()})
+  with ocp.StandardCheckpointer() as ckpt:
+    try:
+      return ckpt.restore(os.path.join(os.path.abspath(directory), "masks"), abstract)
+    except ValueError as e:
+      raise ValueError(f"the masks in {directory!r} do not fit this model: {e}") from e
