@@ -139,6 +139,20 @@ def test_vlm_calibration_prunes_every_tower_at_its_ratio(tmp_path):
   assert "lm/lm_head/kernel" not in rows
 
 
+def test_calibration_rows_sharded_over_8_devices_give_the_same_masks(llama):
+  from vlm_jax.parallel import mesh as mesh_lib
+  model, params = vlm_jax.from_hf(llama)
+  ids = ref.calibration_ids(16, 16).numpy()
+  batches = [{"input_ids": ids, "attention_mask": np.ones((16, 16), np.int32)}]
+  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  assert mesh.devices.size == 8
+  _, plain = sparsity.prune(model, params, method="wanda", calibration=batches, progress=False)
+  _, sharded = sparsity.prune(model, params, method="wanda", calibration=batches, progress=False,
+                              rows_sharding=mesh_lib.batch_sharding(mesh))
+  for path, m in masks_lib.flat(plain).items():
+    np.testing.assert_array_equal(np.asarray(masks_lib.flat(sharded)[path]), np.asarray(m), err_msg=path)
+
+
 def test_masks_from_another_model_are_refused():
   params = {"a": {"kernel": np.ones((4, 4))}}
   with pytest.raises(ValueError, match="not a parameter"):

@@ -24,7 +24,8 @@ from vlm_jax.sparsity.pruners import METHODS
 def prune(model, params: dict, *, method: str = "wanda", pattern: str = "row",
           ratios: Optional[dict] = None, overrides: Iterable = (), include: Iterable[str] = (),
           exclude: Iterable[str] = DEFAULT_EXCLUDE, calibration: Optional[Sequence[dict]] = None,
-          progress: bool = True, sparsegpt_kw: Optional[dict] = None) -> tuple[dict, dict]:
+          progress: bool = True, sparsegpt_kw: Optional[dict] = None,
+          rows_sharding=None) -> tuple[dict, dict]:
   """Prunes `params` -> (pruned params, masks).
 
   method: "magnitude" (no calibration), "wanda" or "sparsegpt" (calibration:
@@ -34,6 +35,7 @@ def prune(model, params: dict, *, method: str = "wanda", pattern: str = "row",
   ratios: per tower, {"vision": s_V, "projector": s_P, "lm": s_L}; default
     0.5 for the vision tower and the LM, projector dense.
   overrides / include / exclude: see `masks.targets`.
+  rows_sharding: shards the calibration rows over the mesh (see `prune_sequential`).
   """
   if method not in METHODS:
     raise ValueError(f"unknown pruning method {method!r}; known: {METHODS}")
@@ -51,7 +53,7 @@ def prune(model, params: dict, *, method: str = "wanda", pattern: str = "row",
   if not calibration:
     raise ValueError(f"{method} needs calibration batches (calibration=[batch, ...])")
   return prune_sequential(model, params, list(calibration), chosen, method, pattern,
-                          sparsegpt_kw=sparsegpt_kw, progress=progress)
+                          sparsegpt_kw=sparsegpt_kw, rows_sharding=rows_sharding, progress=progress)
 
 
 __all__ = ["prune", "prune_sequential", "apply_masks", "check_masks_fit", "sparsity_report", "print_report",

@@ -178,12 +178,19 @@ def _head_unit(config, prefix: str, hessian: bool) -> Unit:
 
 def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], targets: dict[str, float],
                      method: str, pattern: str, *, sparsegpt_kw: Optional[dict] = None,
+                     rows_sharding: Optional[jax.sharding.Sharding] = None,
                      progress: bool = True) -> tuple[dict, dict]:
   """Calibrates and prunes `targets` ({path: ratio}) with Wanda or SparseGPT -> (params, masks).
 
   batches: calibration batches in the device-batch format (`vlm_jax.data.schema`);
   for a VLM, image–text rows (text-only rows calibrate the decoder only).
+  rows_sharding: places the calibration rows (and so every unit's activations)
+    over the mesh, e.g. `vlm_jax.parallel.mesh.batch_sharding(mesh)`; the
+    parameters keep whatever placement they have.
   """
+  if rows_sharding is not None:
+    batches = [{k: jax.device_put(np.asarray(v), rows_sharding) for k, v in b.items() if v is not None}
+               for b in batches]
   if method not in ("wanda", "sparsegpt"):
     raise ValueError(f"prune_sequential runs 'wanda' or 'sparsegpt', got {method!r}")
   hessian = method == "sparsegpt"
@@ -218,7 +225,8 @@ def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], ta
       flat_images = images.reshape(-1, *images.shape[-3:])
       xs.append(jax.jit(lambda p, im: tower.apply({"params": p}, im, feature_layer=0).features)(
           params["vision"], flat_images))
-      weights.append(_image_slot_weights(model, batches[i]))
+      w = _image_slot_weights(model, batches[i])
+      weights.append(w if rows_sharding is None else jax.device_put(w, rows_sharding))
     extras = [None] * len(xs)
     last = c.feature_layer % (c.vision.depth + 1)
     for layer in range(last):

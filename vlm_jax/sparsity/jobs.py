@@ -56,12 +56,16 @@ def calibration_batches(config, model) -> list[dict]:
 
 
 def prune_params(config, model, params, batches: Optional[list] = None) -> tuple[dict, dict]:
-  """`sparsity.prune` with the settings of `config.prune`."""
+  """`sparsity.prune` with the settings of `config.prune`, calibration rows sharded over `config.mesh`."""
   p = config.prune
-  return sparsity.prune(model, params, method=p.method, pattern=p.pattern, ratios=dict(p.ratios),
-                        overrides=[tuple(o) for o in p.get("overrides", ())],
-                        include=tuple(p.get("include", ())), calibration=batches,
-                        progress=config.get("progress", True))
+  rules = [tuple(r) for r in config.rules]
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return sparsity.prune(model, params, method=p.method, pattern=p.pattern, ratios=dict(p.ratios),
+                          overrides=[tuple(o) for o in p.get("overrides", ())],
+                          include=tuple(p.get("include", ())), calibration=batches,
+                          progress=config.get("progress", True),
+                          rows_sharding=mesh_lib.batch_sharding(mesh, rules))
 
 
 def write_outputs(workdir: str, model, params: dict, masks: dict, export_hf: str = "") -> list[dict]:
@@ -84,8 +88,7 @@ def write_outputs(workdir: str, model, params: dict, masks: dict, export_hf: str
 def prune(config, workdir: str) -> list[dict]:
   model, params = load_model(config)
   batches = calibration_batches(config, model) if config.prune.method != "magnitude" else None
-  with jax.set_mesh(mesh_lib.make_mesh(dict(config.mesh))), nn.logical_axis_rules([tuple(r) for r in config.rules]):
-    params, masks = prune_params(config, model, params, batches)
+  params, masks = prune_params(config, model, params, batches)
   return write_outputs(workdir, model, params, masks, config.get("export_hf", ""))
 
 
