@@ -116,6 +116,11 @@ def test_repair_keeps_pruned_weights_zero_and_exports_to_hf(tmp_path, mode):
     for path, w in masks_lib.flat(dense).items():
       np.testing.assert_array_equal(np.asarray(base[path]), np.asarray(w))
     assert "kd" in [l for l in open(tmp_path / "run" / "metrics.jsonl")][-1]
+    # The adapters exported alone merge back into the same weights.
+    adapters, alpha = lora_lib.load_adapters(str(tmp_path / "run" / "adapters"))
+    again = masks_lib.flat(lora_lib.merge(dense, adapters, masks, alpha))
+    for path in fm:
+      np.testing.assert_allclose(np.asarray(again[path]), np.asarray(merged[path]), rtol=1e-6, atol=1e-7)
   # Sparsity after the merge is reported exactly (2:4 = 0.5 of every pruned kernel).
   rows = {r["name"]: r["sparsity"] for r in summary["sparsity"]}
   assert all(rows[p] == pytest.approx(0.5) for p in fm)

@@ -133,3 +133,47 @@ def write_json(path, obj: Any) -> Path:
       pass
     raise
   return path
+
+
+def cached(path, key: str, compute) -> Any:
+  """`compute()` stored under `key` in the JSON file `path`, or the stored value if there.
+
+  What makes a multi-step demonstration resume-friendly: a re-run skips every sub-step
+  whose result was written (delete the entry, or the file, to redo it). The value comes
+  back as JSON reads it (tuples become lists), the same on the first run and the next.
+  """
+  path = Path(path)
+  done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+  if key not in done:
+    done[key] = json.loads(json.dumps(compute(), default=_json_default))
+    if path.exists():  # keep entries another sub-step wrote meanwhile
+      done = {**json.loads(path.read_text(encoding="utf-8")), key: done[key]}
+    write_json(path, done)
+  return done[key]
+
+
+def pin_config(path, config: dict, ignore: Sequence[str] = ("progress",)) -> None:
+  """Writes `config` (a plain dict) to `path`, or checks it equals the one written there.
+
+  A cache of results (`cached`) is only valid for the config that produced it: a re-run
+  with another config in the same folder is refused, naming the keys that differ.
+  """
+  path = Path(path)
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      elif f"{prefix}{k}" not in ignore:
+        out[f"{prefix}{k}"] = v
+    return out
+  new = flat(json.loads(json.dumps(config, default=_json_default)))
+  if path.exists():
+    old = flat(json.loads(path.read_text(encoding="utf-8")))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differ:
+      raise ValueError(f"{path.parent} holds results of another config (differs in: {', '.join(differ[:8])}"
+                       f"{' ...' if len(differ) > 8 else ''}); use a new workdir, or delete {path} and "
+                       f"the results to redo them")
+    return
+  write_json(path, config)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.sparsity.masks import LINEAR_KERNEL, flat, unflat
+from vlm_jax.sparsity.masks import LINEAR_KERNEL, check_masks_fit, flat, unflat
 
 
 def adapted_kernels(params: dict, ranks: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -72,6 +72,8 @@ def merge(params: dict, lora: Optional[dict], masks: Optional[dict], alpha: floa
   """The kernels the model runs on: `(W + (α/r)·A·B) ⊙ M`, differentiable in the adapters."""
   factors = _factors(lora) if lora else {}
   fm = flat(masks) if masks else {}
+  if masks:
+    check_masks_fit(params, masks)
   out = {}
   for path, w in flat(params).items():
     if path in factors:
@@ -84,6 +86,26 @@ def merge(params: dict, lora: Optional[dict], masks: Optional[dict], alpha: floa
   return unflat(out)
 
 
-def merge_scale(lora: dict) -> dict[str, int]:
-  """{kernel path: rank}: what an exported adapter set needs besides α."""
-  return {p: int(f["a"].shape[-1]) for p, f in _factors(lora).items()}
+def save_adapters(directory: str, lora: dict, alpha: float) -> None:
+  """The adapters alone: `<directory>/adapters` (Orbax) and `adapter_config.json` (α, rank per kernel)."""
+  import json
+  import os
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, "adapters"), lora, force=True)
+  ranks = {p: int(f["a"].shape[-1]) for p, f in _factors(lora).items()}
+  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+    json.dump({"alpha": alpha, "ranks": ranks}, f, indent=1)
+
+
+def load_adapters(directory: str) -> tuple[dict, float]:
+  """(adapters, α) written by `save_adapters`, as host arrays; `merge` applies them to a base."""
+  import json
+  import os
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "adapter_config.json")) as f:
+    alpha = json.load(f)["alpha"]
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(os.path.join(directory, "adapters")), alpha

@@ -6,7 +6,9 @@ prune:  model (a Hugging Face folder or a checkpoint) -> calibration batches fro
         `sparsity.json`, and a Hugging Face folder when `config.export_hf` is set.
 repair: the train loop with `config.sparse` (SparseLoRA + distillation, or
         masked full fine-tuning), then the merged weights `(W + (α/r)AB) ⊙ M` as an
-        Orbax run in `<workdir>/merged` (and `config.export_hf`), with their sparsity.
+        Orbax run in `<workdir>/merged` (and `config.export_hf`), with their sparsity,
+        and for SparseLoRA the adapters alone in `<workdir>/adapters`
+        (`vlm_jax.peft.lora.load_adapters`; `merge(base, adapters, masks, α)`).
 """
 
 import logging
@@ -112,6 +114,8 @@ def repair(config, workdir: str) -> dict:
   alpha = float(config.sparse.get("lora_alpha", 0.0)) or None
   merged = merged_params(jax.device_get(summary["state"].params), masks, alpha)
   summary["merged"] = merged
+  if alpha and jax.process_index() == 0:  # the adapters alone, too
+    lora_lib.save_adapters(os.path.join(workdir, "adapters"), jax.device_get(summary["state"].params["lora"]), alpha)
   summary["sparsity"] = write_outputs(os.path.join(workdir, "merged"), summary["model"], merged, masks,
                                       config.get("export_hf", ""))
   return summary

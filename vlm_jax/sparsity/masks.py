@@ -137,6 +137,7 @@ def targets(params: Params, ratios: dict, pattern: str = "row",
 
 def apply_masks(params: Params, masks: Masks) -> Params:
   """Zeroes the pruned weights (params outside the mask tree are returned as they are)."""
+  check_masks_fit(params, masks)
   fm = flat(masks)
   return unflat({k: (jnp.where(fm[k], v, jnp.zeros((), v.dtype)) if k in fm else v)
                  for k, v in flat(params).items()})

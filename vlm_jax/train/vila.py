@@ -39,11 +39,21 @@ def stage_config(config, name: str, init: str, datasets: dict, tokenizer_dir: st
                  data_dir: str) -> ml_collections.ConfigDict:
   """The full train config of one stage."""
   s = config.stages[name]
+  return train_config(config, s, max(1, round(config.total_steps * s.fraction)), init, datasets,
+                      tokenizer_dir, data_dir)
+
+
+def train_config(config, s, steps: int, init: str, datasets: dict, tokenizer_dir: str,
+                 data_dir: str) -> ml_collections.ConfigDict:
+  """A shapes-world train config: `s` gives lr, groups, sources [(task, weight)] and
+  global_batch_size, `datasets` the TFDS name of each task; the rest comes from `config`
+  (seed, model, checkpoint_every, progress, seq_len, image_slots, packing, truncate).
+  Shared with the curation and soup demonstrations, so every shapes-world run trains alike."""
   c = common.train_base()
   c.seed = config.seed
   c.model = config.model
   c.init = init
-  c.total_steps = max(1, round(config.total_steps * s.fraction))
+  c.total_steps = steps
   c.checkpoint_every = config.checkpoint_every
   c.progress = config.progress
   c.optim.lr = s.lr
@@ -54,6 +64,15 @@ def stage_config(config, name: str, init: str, datasets: dict, tokenizer_dir: st
       seq_len=config.seq_len, image_slots=config.image_slots, packing=config.packing,
       truncate=config.truncate))
   return c
+
+
+def final_loss(workdir: str):
+  """The last train loss logged in a run's metrics.jsonl (a re-run of a finished run logs none)."""
+  loss = None
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      loss = json.loads(line).get("loss", loss)
+  return loss
 
 
 def evaluate(config, model, params, tokenizer) -> dict:
