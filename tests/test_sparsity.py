@@ -137,6 +137,14 @@ def test_vlm_calibration_prunes_every_tower_at_its_ratio(tmp_path):
   lm_kernels = [k for k in rows if k.startswith("lm/")]
   assert lm_kernels and all(rows[k] == pytest.approx(0.7, abs=0.01) for k in lm_kernels)
   assert "lm/lm_head/kernel" not in rows
+  # The output head and the embeddings when asked for: the head by Wanda (its own unit), the
+  # embeddings (no input statistics) by magnitude.
+  _, m = sparsity.prune(model, params, method="wanda", ratios={"lm": 0.5}, calibration=[batch], progress=False,
+                        include=[r"lm/lm_head/kernel", r"lm/embed/embedding"], exclude=())
+  flat_m = masks_lib.flat(m)
+  assert np.mean(~np.asarray(flat_m["lm/lm_head/kernel"])) == pytest.approx(0.5)
+  emb = np.asarray(masks_lib.flat(params)["lm/embed/embedding"])
+  np.testing.assert_array_equal(np.asarray(flat_m["lm/embed/embedding"]), np.asarray(pruners.magnitude(emb, 0.5, "row")))
 
 
 def test_calibration_rows_sharded_over_8_devices_give_the_same_masks(llama):

@@ -13,12 +13,10 @@ layer-by-layer procedure and `pruners.py` for the criteria.
 
 from typing import Iterable, Optional, Sequence
 
-import jax.numpy as jnp
-
 from vlm_jax.sparsity.calibrate import prune_sequential
 from vlm_jax.sparsity.masks import (DEFAULT_EXCLUDE, apply_masks, check_masks_fit, flat, mask_from_scores,
                                     print_report, sparsity_report, targets, unflat)
-from vlm_jax.sparsity.pruners import METHODS
+from vlm_jax.sparsity.pruners import METHODS, magnitude
 
 
 def prune(model, params: dict, *, method: str = "wanda", pattern: str = "row",
@@ -43,12 +41,7 @@ def prune(model, params: dict, *, method: str = "wanda", pattern: str = "row",
   chosen = targets(params, ratios, pattern, overrides, include, exclude)
   if method == "magnitude":
     fp = flat(params)
-    masks = {}
-    for path, ratio in chosen.items():
-      w = fp[path]
-      scores = jnp.abs(w if w.ndim > 1 else w[:, None])
-      masks[path] = mask_from_scores(scores, ratio, pattern).reshape(w.shape)
-    masks = unflat(masks)
+    masks = unflat({path: magnitude(fp[path], ratio, pattern) for path, ratio in chosen.items()})
     return apply_masks(params, masks), masks
   if not calibration:
     raise ValueError(f"{method} needs calibration batches (calibration=[batch, ...])")

@@ -7,7 +7,9 @@ unit
      layer inside it collecting its input statistics in that one pass,
   2. has its kernels pruned from those statistics,
   3. runs again, pruned, to produce the next unit's inputs,
-so unit i sees the outputs of the already-pruned units before it. Only one
+so unit i sees the outputs of the already-pruned units before it. Kernels with
+no input statistics (embeddings, norms, blocks the model never runs) are pruned
+by magnitude. Only one
 boundary's activations (all calibration rows) are held at a time; each unit
 runs jitted, one calibration batch at a time, and the statistics are summed
 on the device.
@@ -116,7 +118,7 @@ def _prune_unit(unit: Unit, params: dict, xs: list, extras: list, weights: list,
       module = local.rsplit("/", 1)[0]
       kernel = flat_unit[local]
       if module not in stats or kernel.ndim != 2:  # not a Linear's input (an embedding, a norm)
-        keep = pruners.magnitude(kernel if kernel.ndim > 1 else kernel[:, None], ratio, pattern).reshape(kernel.shape)
+        keep = pruners.magnitude(kernel, ratio, pattern)
         new = jnp.where(keep, kernel, 0)
       elif method == "wanda":
         keep = pruners.wanda(kernel, stats[module]["sq"], ratio, pattern)
@@ -261,6 +263,12 @@ def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], ta
   if any(p.startswith(f"{lm_prefix}lm_head/") for p in targets):
     params, xs = prune(_head_unit(text, lm_prefix, hessian), params, xs, extras, weights)
   bar.close()
+  # Targets no unit runs (embeddings; vision blocks past the feature layer): by magnitude.
+  fp = flat(params)
+  for path in sorted(set(targets) - set(masks)):
+    masks[path] = pruners.magnitude(fp[path], targets[path], pattern)
+    fp[path] = jnp.where(masks[path], fp[path], 0)
+  params = unflat(fp)
 
   if scanned:
     params = _with_lm(params, lm_prefix, stack_layers(_lm_of(params, lm_prefix)))

@@ -21,7 +21,9 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def magnitude(kernel: jax.Array, ratio: float, pattern: str) -> jax.Array:
-  return mask_from_scores(jnp.abs(kernel), ratio, pattern)
+  """|W|; a vector (a norm's scale, a bias) is one column."""
+  scores = jnp.abs(kernel if kernel.ndim > 1 else kernel[:, None])
+  return mask_from_scores(scores, ratio, pattern).reshape(kernel.shape)
 
 
 def wanda(kernel: jax.Array, sq_norms: jax.Array, ratio: float, pattern: str) -> jax.Array:
