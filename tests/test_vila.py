@@ -37,6 +37,8 @@ def test_stage_configs_follow_the_vila_freezing():
   groups = {name: [tuple(g) for g in config.stages[name].groups] for name in config.stages}
   assert config.stage_order == ("stage0", "stage1", "stage2")
   assert groups["stage0"] == [("projector/.*", 1.0), (".*", None)]
-  assert groups["stage1"] == [("projector/.*", 1.0), ("lm/.*", 1.0), (".*", None)]
-  assert ("lm/.*", 1.0) in groups["stage1"] and ("vision/.*", None) not in groups["stage1"]
+  # VILA freezes its (pretrained CLIP) tower in stage 1; ours starts from random weights, so
+  # stage 1 trains it too (README: "One deviation from VILA").
+  assert groups["stage1"] == [(".*", 1.0)]
+  assert groups["stage2"] == [(".*", 1.0)]
   assert sum(config.stages[n].fraction for n in config.stages) == np.float64(1.0)
