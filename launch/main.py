@@ -50,6 +50,11 @@ JOBS = {name: _lazy(target) for name, target in {
     "soup": "vlm_jax.soups:run",
     "score": "vlm_jax.curation.perplexity:score",
     "filter": "vlm_jax.curation.perplexity:filter_data",
+    "ppl_demo": "vlm_jax.curation.shapes_demo:run",
+    "soup_demo": "vlm_jax.soups_demo:run",
+    "prune": "vlm_jax.sparsity.jobs:prune",
+    "repair": "vlm_jax.sparsity.jobs:repair",
+    "sparsity_demo": "vlm_jax.sparsity.shapes_demo:run",
 }.items()}
 
 

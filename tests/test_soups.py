@@ -286,6 +286,8 @@ def test_orbax_round_trip(tmp_path):
   b = save_run(tmp_path / "b", {5: ps[1], 6: ps[3]})
   c = save_run(tmp_path / "c", {7: ps[2]})
   sources = [a, f"{b}@5", os.path.join(c, "checkpoints")]
+  open(os.path.join(a, "config.json"), "w").write("{}")  # a training workdir has its run's config.json
+  assert soups.Ingredient.parse(a).kind == "orbax"
   soup = soups.uniform_soup(sources)
   assert_tree_equal(soup, hand_mean(ps[:3]))
   assert_tree_equal(soups.load(f"{a}@10"), ps[3])

@@ -116,7 +116,9 @@ class Ingredient:
     path = os.path.abspath(os.path.expanduser(text))
     if not os.path.isdir(path):
       raise FileNotFoundError(f"soup ingredient {os.fspath(source)!r}: no such directory {path!r}")
-    kind = forced or ("hf" if os.path.exists(os.path.join(path, "config.json")) else "orbax")
+    # A training workdir also holds a config.json (the run's); its checkpoints/ decides.
+    is_hf = os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+    kind = forced or ("hf" if is_hf else "orbax")
     if kind == "hf":
       if step is not None:
         raise ValueError(f"soup ingredient {os.fspath(source)!r}: a Hugging Face folder has no steps")

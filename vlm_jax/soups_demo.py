@@ -26,8 +26,6 @@ ingredients/<mix>, results.json (each finished sub-step's result: a re-run skips
 soup_demo.json (the table and the greedy log).
 """
 
-import json
-import logging
 import os
 import time
 from typing import Callable, Sequence
@@ -37,10 +35,6 @@ import numpy as np
 
 from vlm_jax import soups
 from vlm_jax.eval import report
-
-log = logging.getLogger(__name__)
-
-SOUPS = ("uniform", "maximum", "greedy")
 
 
 # --- Data and the starting point -----------------------------------------------------------
@@ -86,7 +80,7 @@ def base_params(config, model):
   if config.base == "scratch":
     from vlm_jax.models.params import init_params
     return jax.device_get(init_params(model, jax.random.key(config.seed)))
-  return soups.load(f"checkpoint:{config.base}")  # a run dir holds a config.json: not a Hugging Face folder
+  return soups.load(f"checkpoint:{config.base}")
 
 
 def base_init(config) -> str:
@@ -110,10 +104,9 @@ def heldout(config, split: str) -> dict:
 def ingredient_sources(config, name: str) -> list:
   """The data of one ingredient: its own mix, plus `general` weight spread over all mixes
   (POINTS fine-tunes on D ∪ d_i; general=0 gives pure specialists)."""
-  sources = [(name, 1.0)]
-  if config.general:
-    sources += [(m, config.general / len(config.ingredients)) for m in config.ingredients]
-  return sources
+  weights = {m: config.general / len(config.ingredients) for m in config.ingredients if config.general}
+  weights[name] = weights.get(name, 0.0) + 1.0
+  return sorted(weights.items(), key=lambda kv: kv[0] != name)  # its own mix first
 
 
 def finetune(config, name: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
@@ -228,7 +221,7 @@ def run(config, workdir: str) -> dict:
   for name in config.ingredients:
     d = os.path.join(workdir, "ingredients", name)
     train_info[name] = cache(f"finetune/{name}", lambda: finetune(config, name, datasets, tok_dir, data_dir, d))
-    dirs.append(f"checkpoint:{d}")  # read as Orbax (a run dir's config.json is not a Hugging Face one)
+    dirs.append(f"checkpoint:{d}")
   rows = [base] + soup_rows(list(config.ingredients), dirs, validate, test, config.top_p, config.tie, cache)
   rows = [{**r, "fine-tune (s)": train_info[r["model"]]["wall (s)"]} if r["model"] in train_info else r
           for r in rows]

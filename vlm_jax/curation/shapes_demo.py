@@ -29,7 +29,6 @@ Workdir (a finished sub-step is skipped on a re-run; a killed train run resumes)
 """
 
 import json
-import logging
 import os
 import time
 
@@ -37,8 +36,6 @@ import jax
 import numpy as np
 
 from vlm_jax.eval import report
-
-log = logging.getLogger(__name__)
 
 ARMS = ("unfiltered", "filtered")
 
