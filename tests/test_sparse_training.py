@@ -1,6 +1,5 @@
 """Training a pruned model: masked updates, LoRA / SparseLoRA, distillation, repair and export."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +92,6 @@ def _train_config(workdir, masks_dir, mode, steps=6):
 def test_repair_keeps_pruned_weights_zero_and_exports_to_hf(tmp_path, mode):
   import ml_collections
   from vlm_jax.sparsity import jobs
-  from vlm_jax.train.loop import initial_params
   model, dense, pruned, masks = _lm_and_masks("2:4")
   masks_dir = str(tmp_path / "prune")
   jobs.write_outputs(masks_dir, model, pruned, masks)

@@ -1,12 +1,10 @@
 """Masks, pruners and layer-wise calibration (vlm_jax.sparsity), against an independent reference."""
 
-import copy
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import vlm_jax
 from vlm_jax import sparsity

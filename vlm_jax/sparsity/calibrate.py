@@ -19,7 +19,7 @@ unused image slots of a row are left out.
 """
 
 import logging
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax

@@ -18,7 +18,6 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 
 from vlm_jax import sparsity
 from vlm_jax.data import schema

@@ -19,7 +19,7 @@ Patterns, each from a score array of the kernel's shape (low = pruned first):
 """
 
 import re
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
