@@ -48,19 +48,26 @@ def _compiled(module_type: type, config, max_new_tokens: int, temperature: float
       token = jnp.where(done, pad_token_id, sample_token(logits, rng_t, temperature, top_p))
       return token, done if eos_token_id is None else done | (token == eos_token_id)
 
-    def step(carry, rng_t):
-      cache, logits, pos, done = carry
-      token, done = pick(logits, rng_t, done)
+    rngs = jax.random.split(rng, max_new_tokens)
+
+    def unfinished(carry):
+      t, _, _, _, done, _ = carry
+      return (t < max_new_tokens - 1) & ~jnp.all(done)
+
+    def step(carry):
+      t, cache, logits, pos, done, tokens = carry
+      token, done = pick(logits, rngs[t], done)
       out = model.apply({"params": params}, token[:, None], attention_mask=jnp.ones((b, 1), bool),
                         positions=pos[:, None] + 1, cache=cache)
-      return (out.cache, out.logits[:, -1], pos + 1, done), token
+      return t + 1, out.cache, out.logits[:, -1], pos + 1, done, tokens.at[:, t].set(token)
 
-    rngs = jax.random.split(rng, max_new_tokens)
-    carry = (out.cache, out.logits[:, -1], positions[:, -1], jnp.zeros((b,), bool))
-    # n-1 decode steps; the last token needs no forward pass of its own.
-    (_, logits, _, done), tokens = jax.lax.scan(step, carry, rngs[:-1])
-    last, _ = pick(logits, rngs[-1], done)
-    return jnp.concatenate([tokens.T, last[:, None]], axis=1)
+    tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
+    carry = (jnp.int32(0), out.cache, out.logits[:, -1], positions[:, -1], jnp.zeros((b,), bool), tokens)
+    # At most n-1 decode steps (the last token needs no forward pass of its own),
+    # fewer when every row has finished: the rest stays padding.
+    t, _, logits, _, done, tokens = jax.lax.while_loop(unfinished, step, carry)
+    last, _ = pick(logits, rngs[t], done)
+    return tokens.at[:, t].set(last.astype(jnp.int32))
 
   return jax.jit(run)
 
