@@ -100,3 +100,16 @@ def test_unrepresentable_config_is_refused(llama_folder, tmp_path):
   cfg_path.write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match="yarn"):
     vlm_jax.from_hf(tmp_path / "c")
+
+
+def test_a_tower_with_a_conv_stem_does_not_export(tmp_path):
+  import jax
+  from configs import models as presets
+  from vlm_jax.models import build_model, init_params
+  config = presets.get_config("tiny")
+  config.vision.stem = (8,)
+  model = build_model(config)
+  params = init_params(model, jax.random.key(0))
+  with pytest.raises(CheckpointError, match="convolutional stem"):
+    vlm_jax.to_hf(model, params, str(tmp_path / "out"))
+  assert not (tmp_path / "out" / "model.safetensors").exists()

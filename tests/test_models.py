@@ -1,5 +1,6 @@
 """Model behaviour that has no Hugging Face counterpart: image slots, packing, projectors, sampling."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +86,34 @@ def test_top_p_sampling_keeps_only_the_nucleus():
   draws = jax.vmap(lambda k: sample_token(logits, k, 1.0, 0.7))(jax.random.split(jax.random.key(0), 400))
   assert set(np.unique(np.asarray(draws)).tolist()) == {0, 1}  # 0.5 + 0.3 covers 0.7
   assert int(sample_token(logits, jax.random.key(0), 0.0, 1.0)[0]) == 0
+
+
+def test_generation_stops_at_eos_and_pads_the_rest(tiny):
+  """With an EOS every row meets early, decoding exits early and the tail is padding."""
+  from vlm_jax.models import DecoderLM
+  from vlm_jax.models.generate import generate
+  model, params = tiny
+  lm = DecoderLM(model.config.text)
+  prompts = jnp.asarray([[3, 4, 5, 6], [9, 8, 7, 6]])
+  free = np.asarray(generate(lm, params["lm"], prompts, max_new_tokens=10))
+  eos = int(free[0, 2])  # row 0 emits it by step 2, so with batch 1 the loop exits early
+  for rows in (prompts[:1], prompts):
+    out = np.asarray(generate(lm, params["lm"], rows, max_new_tokens=10, eos_token_id=eos, pad_token_id=0))
+    for got, want in zip(out, free):
+      hits = np.flatnonzero(want == eos)
+      cut = hits[0] + 1 if hits.size else len(want)
+      np.testing.assert_array_equal(got[:cut], want[:cut])
+      assert (got[cut:] == 0).all()
+
+
+def test_conv_stem_makes_the_same_token_grid():
+  from vlm_jax.models.vit import ViTConfig, VisionTower
+  base = dict(style="clip", image_size=32, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  plain, stem = VisionTower(ViTConfig(**base)), VisionTower(ViTConfig(**base, stem=[4, 8]))
+  p_plain, p_stem = (nn.meta.unbox(m.init(jax.random.key(1), x)) for m in (plain, stem))
+  assert p_stem["params"]["stem_1"]["kernel"].shape == (3, 3, 4, 8)
+  assert p_stem["params"]["patch_embed"]["kernel"].shape == (2, 2, 8, 16)  # 8 px = 2 strides of 2, then 2x2
+  assert stem.apply(p_stem, x).last_hidden_state.shape == plain.apply(p_plain, x).last_hidden_state.shape
+  with pytest.raises(ValueError, match="not divisible by the stem"):
+    ViTConfig(**base | dict(patch_size=4), stem=(4, 4, 4))

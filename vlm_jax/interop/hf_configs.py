@@ -70,6 +70,9 @@ def vit_from_hf(c) -> ViTConfig:
 
 def vit_to_hf(c: ViTConfig, projection_dim: int = 512):
   from transformers import CLIPVisionConfig, SiglipVisionConfig
+  if c.stem:
+    raise CheckpointError(f"a vision tower with a convolutional stem (stem={c.stem}) has no Hugging Face "
+                          "counterpart; only towers with stem=() export")
   common = dict(image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.width,
                 num_hidden_layers=c.depth, num_attention_heads=c.num_heads, intermediate_size=c.mlp_dim,
                 hidden_act=c.act, layer_norm_eps=c.norm_eps, num_channels=3)
