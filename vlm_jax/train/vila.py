@@ -8,6 +8,7 @@ finished stage is skipped on a re-run (the loop resumes at its last step).
 import json
 import logging
 import os
+import time
 
 import jax
 import ml_collections
@@ -91,6 +92,7 @@ def run(config, workdir: str) -> list[dict]:
   from vlm_jax.data.tokenizer import load_tokenizer
   if sorted(config.stage_order) != sorted(config.stages):
     raise ValueError(f"stage_order {list(config.stage_order)} must name each of the stages {sorted(config.stages)} once")
+  start = time.perf_counter()
   datasets, tok_dir = prepare_data(config, workdir)
   data_dir = config.data_dir or os.path.join(workdir, "data")
   tokenizer, _ = load_tokenizer(tok_dir)
@@ -98,12 +100,15 @@ def run(config, workdir: str) -> list[dict]:
   for name in config.stage_order:
     stage_dir = os.path.join(workdir, name)
     summary = train(stage_config(config, name, init, datasets, tok_dir, data_dir), stage_dir)
+    t_eval = time.perf_counter()
     results = evaluate(config, summary["model"], jax.device_get(summary["state"].params), tokenizer)
     rows.append({"stage": name, "steps": summary["steps"].split(" of ")[-1],
-                 "train loss": summary["last loss"], **results})
+                 "train loss": summary["last loss"], "train wall (s)": summary["wall (s)"],
+                 "eval wall (s)": round(time.perf_counter() - t_eval, 1), **results})
     init = f"checkpoint:{stage_dir}"
   if jax.process_index() == 0:
     print_stage_table(rows)
+    print(f"total wall time (data, tokenizer, training, evaluation): {(time.perf_counter() - start) / 60:.1f} min")
     report.write_json(os.path.join(workdir, "eval.json"), rows)
   return rows
 
