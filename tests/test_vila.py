@@ -22,6 +22,7 @@ def test_three_stages_run_chain_and_evaluate(tmp_path, capsys):
   assert json.load(open(tmp_path / "eval.json"))[-1]["stage"] == "stage2"
   out = capsys.readouterr().out
   assert "evaluation after each VILA stage" in out and "vqa/color acc" in out
+  assert "total wall time" in out and all(r["train wall (s)"] > 0 for r in rows)
   # Each stage started from the previous one's checkpoint; stage 0 trained only the projector.
   from vlm_jax.train.checkpoint import Checkpointer
   for stage in config.stage_order:
