@@ -89,7 +89,8 @@ def test_top_p_sampling_keeps_only_the_nucleus():
 
 
 def test_generation_stops_at_eos_and_pads_the_rest(tiny):
-  """With an EOS every row meets early, decoding exits early and the tail is padding."""
+  """Up to its EOS each row is what decoding without an EOS gives, then padding; also when
+  every row has finished and the loop exits before max_new_tokens (batch 1)."""
   from vlm_jax.models import DecoderLM
   from vlm_jax.models.generate import generate
   model, params = tiny
