@@ -30,7 +30,8 @@ class ViTConfig:
   use_head: bool = False  # SigLIP attention-pooling head
   # Channels of stride-2 3x3 convolutions run before the patch embedding (the
   # "early convolutions" of Xiao et al. 2021): a from-scratch tower learns
-  # shapes far faster with them. Not in any Hugging Face tower; () is a plain ViT.
+  # shapes sooner with them (README, the main job; some seeds lose colour there).
+  # Not in any Hugging Face tower; () is a plain ViT.
   stem: tuple[int, ...] = ()
   dtype: str = "float32"
   param_dtype: str = "float32"
