@@ -42,9 +42,13 @@ class ViTConfig:
     if self.image_size < self.patch_size:
       raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
     object.__setattr__(self, "stem", tuple(int(ch) for ch in self.stem))  # hashable; configs give lists
-    if self.patch_size % 2 ** len(self.stem):
+    if self.patch_size % self.stem_stride:
       raise ValueError(f"patch_size {self.patch_size} is not divisible by the stem's total stride "
-                       f"{2 ** len(self.stem)} ({len(self.stem)} stride-2 convolutions)")
+                       f"{self.stem_stride} ({len(self.stem)} stride-2 convolutions)")
+
+  @property
+  def stem_stride(self) -> int:
+    return 2 ** len(self.stem)
 
   @property
   def grid(self) -> int:
@@ -125,7 +129,7 @@ class VisionTower(nn.Module):
                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None,) * 4),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
       x = activation(c.act)(x)
-    patch = c.patch_size // 2 ** len(c.stem)  # what is left of the patch after the stem's strides
+    patch = c.patch_size // c.stem_stride  # what is left of the patch after the stem's strides
     x = nn.Conv(c.width, (patch, patch), strides=patch, padding="VALID",
                 use_bias=c.style == "siglip", name="patch_embed", **kw,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
