@@ -102,14 +102,29 @@ def test_unrepresentable_config_is_refused(llama_folder, tmp_path):
     vlm_jax.from_hf(tmp_path / "c")
 
 
-def test_a_tower_with_a_conv_stem_does_not_export(tmp_path):
+@pytest.mark.parametrize("field, value, message", [("stem", (8,), "convolutional stem"),
+                                                   ("pool", "mean_max", "pool='mean_max'")])
+def test_a_tower_hugging_face_lacks_does_not_export(tmp_path, field, value, message):
   import jax
   from configs import models as presets
   from vlm_jax.models import build_model, init_params
   config = presets.get_config("tiny")
-  config.vision.stem = (8,)
+  config.vision[field] = value
   model = build_model(config)
   params = init_params(model, jax.random.key(0))
-  with pytest.raises(CheckpointError, match="convolutional stem"):
+  with pytest.raises(CheckpointError, match=message):
+    vlm_jax.to_hf(model, params, str(tmp_path / "out"))
+  assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_text_tower_pooling_the_last_token_does_not_export(tmp_path):
+  import jax
+  from vlm_jax.models import build_model, init_params
+  model = build_model(dict(kind="contrastive", projection_dim=16,
+                           vision=dict(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32),
+                           text=dict(vocab_size=64, width=16, depth=1, num_heads=2, mlp_dim=32, max_len=8,
+                                     pool="last")))
+  params = init_params(model, jax.random.key(0))
+  with pytest.raises(CheckpointError, match="pool='last'"):
     vlm_jax.to_hf(model, params, str(tmp_path / "out"))
   assert not (tmp_path / "out" / "model.safetensors").exists()

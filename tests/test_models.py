@@ -107,6 +107,33 @@ def test_generation_stops_at_eos_and_pads_the_rest(tiny):
       assert (got[cut:] == 0).all()
 
 
+def test_mean_max_pool_concatenates_the_mean_and_max_of_the_patch_tokens():
+  from vlm_jax.models.vit import ViTConfig, VisionTower
+  base = dict(style="clip", image_size=32, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  tower = VisionTower(ViTConfig(**base, pool="mean_max"))
+  params = nn.meta.unbox(tower.init(jax.random.key(1), x))
+  out = tower.apply(params, x)
+  patches = np.asarray(out.last_hidden_state)[:, 1:]  # the class token takes no part
+  np.testing.assert_allclose(out.pooled, np.concatenate([patches.mean(1), patches.max(1)], -1), rtol=1e-6)
+  assert "post_norm" not in params["params"]
+  with pytest.raises(ValueError, match="pool must be one of"):
+    ViTConfig(**base, pool="max")
+
+
+def test_text_tower_pools_the_last_kept_token_whatever_the_padding():
+  from vlm_jax.models.contrastive import TextConfig, TextTower
+  tower = TextTower(TextConfig(vocab_size=64, width=16, depth=1, num_heads=2, mlp_dim=32, max_len=12, pool="last"))
+  ids = np.array([[1, 40, 41, 42, 2]], np.int32)  # eos id 2 is the smallest: HF's legacy rule would miss it
+  params = nn.meta.unbox(tower.init(jax.random.key(0), ids))
+  alone = tower.apply(params, ids, np.ones_like(ids))
+  padded_ids = np.concatenate([ids, np.zeros((1, 7), np.int32)], axis=1)
+  padded = tower.apply(params, padded_ids, (padded_ids != 0).astype(np.int32))
+  np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="pool must be 'eos' or 'last'"):
+    TextConfig(pool="mean")
+
+
 def test_conv_stem_makes_the_same_token_grid():
   from vlm_jax.models.vit import ViTConfig, VisionTower
   base = dict(style="clip", image_size=32, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32)

@@ -73,6 +73,9 @@ def vit_to_hf(c: ViTConfig, projection_dim: int = 512):
   if c.stem:
     raise CheckpointError(f"a vision tower with a convolutional stem (stem={c.stem}) has no Hugging Face "
                           "counterpart; only towers with stem=() export")
+  if c.pool != "default":
+    raise CheckpointError(f"a vision tower with pool={c.pool!r} has no Hugging Face counterpart; "
+                          "only towers with pool='default' export")
   common = dict(image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.width,
                 num_hidden_layers=c.depth, num_attention_heads=c.num_heads, intermediate_size=c.mlp_dim,
                 hidden_act=c.act, layer_norm_eps=c.norm_eps, num_channels=3)
@@ -90,6 +93,9 @@ def text_from_hf(c) -> TextConfig:
 
 
 def text_to_hf(c: TextConfig, projection_dim: int) -> dict:
+  if c.pool != "eos":
+    raise CheckpointError(f"a text tower with pool={c.pool!r} has no Hugging Face counterpart "
+                          "(CLIP pools at the end-of-text token)")
   common = dict(vocab_size=c.vocab_size, hidden_size=c.width, num_hidden_layers=c.depth,
                 num_attention_heads=c.num_heads, intermediate_size=c.mlp_dim,
                 max_position_embeddings=c.max_len, hidden_act=c.act, layer_norm_eps=c.norm_eps,

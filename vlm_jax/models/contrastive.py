@@ -30,8 +30,16 @@ class TextConfig:
   act: str = "quick_gelu"
   norm_eps: float = 1e-5
   eos_token_id: int = 2
+  # CLIP's pooled token: "eos" as Hugging Face (the first eos_token_id; for the
+  # legacy eos_token_id == 2, the largest id), or "last": the last token the
+  # attention mask keeps (right padding), for a vocabulary whose eos id is 2.
+  pool: str = "eos"
   dtype: str = "float32"
   param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.pool not in ("eos", "last"):
+      raise ValueError(f"TextConfig.pool must be 'eos' or 'last', got {self.pool!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +88,8 @@ class TextTower(nn.Module):
     x = LayerNorm(c.norm_eps, name="final_norm", **kw)(x)
     if c.style == "siglip":
       return x[:, -1]
+    if c.pool == "last":
+      return x[jnp.arange(b), jnp.sum(keys, axis=-1) - 1]
     if c.eos_token_id == 2:  # the original CLIP vocabulary: end-of-text is the largest id
       eos = jnp.argmax(input_ids, axis=-1)
     else:

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from vlm_jax.models.layers import MLP, EncoderBlock, LayerNorm, Linear, activation, constrain, dot_product_attention
 
 
+POOLS = ("default", "mean_max")
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   style: str = "clip"  # "clip" | "siglip"
@@ -33,6 +36,14 @@ class ViTConfig:
   # shapes sooner with them (README, the main job; some seeds lose colour there).
   # Not in any Hugging Face tower; () is a plain ViT.
   stem: tuple[int, ...] = ()
+  # How `pooled` (the image embedding of a contrastive model) is made: "default"
+  # is the reference's (CLIP: the class token; SigLIP: the head, or the mean);
+  # "mean_max" concatenates the mean and the max of the last block's patch
+  # tokens ([n, 2 * width]). Max pooling lets a small object decide the
+  # embedding, and every patch token gets a gradient: the shapes world's tower
+  # learns shape from single-object captions with it (README), not with the
+  # class token. Not in any Hugging Face tower.
+  pool: str = "default"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -41,6 +52,8 @@ class ViTConfig:
       raise ValueError(f"ViTConfig.style must be 'clip' or 'siglip', got {self.style!r}")
     if self.image_size < self.patch_size:
       raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+    if self.pool not in POOLS:
+      raise ValueError(f"ViTConfig.pool must be one of {POOLS}, got {self.pool!r}")
     object.__setattr__(self, "stem", tuple(int(ch) for ch in self.stem))  # hashable; configs give lists
     if self.patch_size % self.stem_stride:
       raise ValueError(f"patch_size {self.patch_size} is not divisible by the stem's total stride "
@@ -159,6 +172,10 @@ class VisionTower(nn.Module):
       # Only the blocks up to the requested features ran.
       return VisionOutput(last_hidden_state=None, pooled=None, features=features)
 
+    if c.pool == "mean_max":
+      patches = x[:, 1:] if c.style == "clip" else x
+      return VisionOutput(last_hidden_state=x, features=features,
+                          pooled=jnp.concatenate([patches.mean(axis=1), patches.max(axis=1)], axis=-1))
     post_norm = LayerNorm(c.norm_eps, name="post_norm", **kw)
     if c.style == "clip":
       pooled = post_norm(x[:, 0])
