@@ -27,6 +27,9 @@ def train_base() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.progress = True
   c.init = "scratch"  # | "hf:<folder>" | "checkpoint:<workdir of the previous stage>"
+  # {subtree: "checkpoint:<workdir>"}: after `init`, these top-level parameter subtrees come
+  # from another run, e.g. {"vision": ...} from a contrastive run (the main job's tower)
+  c.init_parts = ml_collections.ConfigDict()
   c.grad_accum = 1
   c.z_loss = 0.0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

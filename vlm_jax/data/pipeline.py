@@ -73,7 +73,9 @@ Config (`default_config()`; the `data` block of an experiment config; `from_conf
   shuffle            global shuffle (False: records in source order)
   num_epochs         None: repeat forever; N: stop after N passes (last batch padded)
   chat_template      {user, assistant, separator, system, caption_prompt}
-  tokens_per_image   image tokens per image (None: from the model config or argument)
+  tokens_per_image   image tokens per image (None: from the model config or argument);
+                     0 for a contrastive model: images are inputs beside the text, whose
+                     "<image>" placeholders become nothing (a caption row is BOS caption EOS)
   image_token_id     (None: the tokenizer's "<image>" id, or the model config's)
   num_threads        grain reader threads (decode + tokenise in parallel)
   prefetch           records read ahead
@@ -482,10 +484,14 @@ def default_config():
 def vision_settings(model) -> dict[str, Any]:
   """A VLM config (VLMConfig, or the `model` ConfigDict / dict of kind "vlm") ->
   {image_size, tokens_per_image, image_token_id, normalization} for the pipeline
-  ({} for a model without a vision tower)."""
+  ({} for a model without a vision tower; no image tokens for a contrastive model)."""
   if isinstance(model, Mapping) or hasattr(model, "to_dict"):
     from vlm_jax.models.build import config_from_dict  # lazily: data does not need the models
     _, model = config_from_dict(model)
+  if hasattr(model, "text") and hasattr(model, "projection_dim"):  # a two-tower contrastive model:
+    # image–caption pairs, each image a separate input, no image tokens in the text
+    return dict(image_size=model.vision.image_size, tokens_per_image=0, image_token_id=-1,
+                normalization="siglip" if model.vision.style == "siglip" else "clip")
   if not hasattr(model, "tokens_per_image"):  # a language model alone: no images
     return {}
   return dict(image_size=model.vision.image_size, tokens_per_image=model.tokens_per_image,
@@ -524,10 +530,12 @@ class Pipeline:
       raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}")
     if resize_mode not in MODES:
       raise ValueError(f"resize_mode must be one of {MODES}, got {resize_mode!r}")
-    for name, value in (("seq_len", seq_len), ("tokens_per_image", tokens_per_image),
-                        ("global_batch_size", global_batch_size), ("image_size", image_size)):
+    for name, value in (("seq_len", seq_len), ("global_batch_size", global_batch_size),
+                        ("image_size", image_size)):
       if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(tokens_per_image, (int, np.integer)) or tokens_per_image < 0:
+      raise ValueError(f"tokens_per_image must be a non-negative integer, got {tokens_per_image!r}")
     if image_slots < 0:
       raise ValueError(f"image_slots must be >= 0, got {image_slots}")
     if num_epochs is not None and num_epochs <= 0:
@@ -657,8 +665,11 @@ class Pipeline:
     if len(ids) > self.seq_len:
       if not self.truncate:
         raise BadRecord("too_long", f"{len(ids)} tokens > seq_len {self.seq_len}")
-      ids, mask, n_images = truncate_tokens(ids, mask, self.seq_len, self.image_token_id,
-                                            self.tokens_per_image)
+      if self.tokens_per_image:
+        ids, mask, n_images = truncate_tokens(ids, mask, self.seq_len, self.image_token_id,
+                                              self.tokens_per_image)
+      else:  # the images are not in the token stream: only the text is cut
+        ids, mask = ids[:self.seq_len], mask[:self.seq_len]
     if n_images > self.image_slots:
       raise BadRecord("too_many_images", f"{n_images} images > {self.image_slots} image slots")
     images = [preprocess_image(decode_image(rec.images[j]), self.image_size, self.resize_mode,

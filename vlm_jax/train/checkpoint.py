@@ -59,8 +59,12 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
-  """Only the parameters of a run's checkpoint (the latest by default): how a stage starts from the last."""
+def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None, partial: bool = False) -> Any:
+  """Only the parameters of a run's checkpoint (the latest by default): how a stage starts from the last.
+
+  partial: restore just the subtrees `abstract_params` names (e.g. {"vision": ...}
+  from a two-tower checkpoint); the checkpoint may hold more.
+  """
   directory = os.path.abspath(directory)
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
@@ -69,13 +73,38 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory!r}")
   step = steps[-1] if step is None else step
+  if partial:
+    args = ocp.args.PyTreeRestore(abstract_params, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))
+  else:
+    args = ocp.args.StandardRestore(abstract_params)
   try:
-    return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+    params = manager.restore(step, args=ocp.args.Composite(params=args)).params
   except ValueError as e:
     raise ValueError(f"the checkpoint {directory}/{step} does not fit this model "
                      f"(a checkpoint of another model?): {e}") from e
   finally:
     manager.close()
+  if partial:  # Orbax leaves what it did not find abstract, and does not check shapes
+    _check_restored(params, abstract_params, f"{directory}/{step}")
+  return params
+
+
+def _check_restored(params: Any, abstract_params: Any, source: str) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    want = _at(abstract_params, path)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      raise ValueError(f"the checkpoint {source} has no parameter {name} (a checkpoint of another model?)")
+    if leaf.shape != want.shape:
+      raise ValueError(f"the checkpoint {source} has {name} of shape {leaf.shape}, this model "
+                       f"{want.shape} (a checkpoint of another model?)")
+
+
+def _at(tree: Any, path) -> Any:
+  for key in path:
+    tree = tree[key.key]
+  return tree
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

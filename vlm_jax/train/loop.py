@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -134,6 +134,21 @@ def initial_params(init: str, model: nn.Module, abstract_params, param_shardings
     check_same_shapes(params, abstract_params, path)
     return jax.device_put(params, param_shardings)
   raise ValueError(f"config.init must be 'scratch', 'hf:<folder>' or 'checkpoint:<workdir>', got {init!r}")
+
+
+def load_parts(params: dict, parts: Mapping[str, str], abstract_params, param_shardings) -> dict:
+  """Replaces top-level subtrees of fresh `params` by the same subtrees of other runs:
+  `{"vision": "checkpoint:<workdir>"}` starts a VLM from a two-tower run's vision tower."""
+  for name, source in parts.items():
+    kind, _, path = source.partition(":")
+    if kind != "checkpoint" or not path:
+      raise ValueError(f"config.init_parts[{name!r}] must be 'checkpoint:<workdir>', got {source!r}")
+    if name not in params:
+      raise ValueError(f"config.init_parts names {name!r}, but this model's parameters are {sorted(params)}")
+    wanted = {name: abstract_like(abstract_params[name], param_shardings[name])}
+    params = {**params, **restore_params(path, wanted, partial=True)}
+    log.info("%s from %s", name, path)
+  return params
 
 
 def sparse_initial_params(config, setup: StepSetup, masks: dict) -> dict:
@@ -279,6 +294,7 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
     start = 0
     params = sparse_initial_params(config, setup, masks) if sparse else \
         initial_params(config.init, model, abstract_params, param_shardings, config.seed)
+    params = load_parts(params, dict(config.get("init_parts") or {}), abstract_params, param_shardings)
     trainable, _ = optim_lib.split(params, labels)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     rng = jax.random.key_data(jax.random.key(config.seed))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlm_jax.models.contrastive import ContrastiveModel, clip_loss, siglip_loss
 from vlm_jax.models.vlm import VLM
 from vlm_jax.peft import lora as lora_lib
 from vlm_jax.train import optim as optim_lib
@@ -97,8 +98,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
   """Builds the pure step `(state, batch[, masks]) -> (state, metrics)`.
 
   `labels` (from `optim.path_labels`) fix what trains; `sparse` (with masks)
-  trains a pruned model, see `SparseTraining`.
+  trains a pruned model, see `SparseTraining`. A `ContrastiveModel` gets its
+  own objective (`make_contrastive_step`); every other model the next-token loss.
   """
+  if isinstance(model, ContrastiveModel):
+    if sparse or grad_accum != 1:
+      raise ValueError("a contrastive model trains on whole batches (in-batch negatives): "
+                       "no grad_accum, no sparse training")
+    return make_contrastive_step(model, tx, labels, lr_schedule)
   lora_alpha = sparse.lora_alpha if sparse else None
   kd_weight = sparse.kd_weight if sparse else 0.0
 
@@ -136,22 +143,59 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
       (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), micro)
 
     grads = _masked(grads, flat_masks)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = _masked(optax.apply_updates(trainable, updates), flat_masks)
-    params = optim_lib.merge(trainable, frozen)
     tokens = jnp.maximum(aux["tokens"], 1.0)
-    metrics = {
-        "loss": aux["ce_sum"] / tokens,
-        "z_loss": aux["z_sum"] / tokens,
-        "accuracy": aux["correct"] / tokens,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
-        "lr": lr_schedule(state.step),
-        "target_tokens": aux["tokens"],
-    }
+    metrics = {"loss": aux["ce_sum"] / tokens, "z_loss": aux["z_sum"] / tokens,
+               "accuracy": aux["correct"] / tokens, "target_tokens": aux["tokens"]}
     if kd_weight:
       metrics["kd"] = aux["kd_sum"] / tokens
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    return _apply_gradients(state, tx, lr_schedule, trainable, frozen, grads, metrics, flat_masks)
+
+  return step_fn
+
+
+def _apply_gradients(state: TrainState, tx: optax.GradientTransformation, lr_schedule: Callable,
+                     trainable: dict, frozen: dict, grads: dict, metrics: dict,
+                     flat_masks: Optional[dict] = None) -> tuple[TrainState, dict]:
+  """The optimiser update every objective shares; adds grad/param norms and lr to `metrics`."""
+  flat_masks = flat_masks or {}
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  trainable = _masked(optax.apply_updates(trainable, updates), flat_masks)
+  params = optim_lib.merge(trainable, frozen)
+  metrics = {**metrics, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+             "lr": lr_schedule(state.step)}
+  rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+  return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+
+def contrastive_batch(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A pipeline batch of image–caption pairs (one image slot, no image tokens) ->
+  (images [B, H, W, 3], caption ids [B, L], attention mask [B, L]); row i pairs image i with text i."""
+  return batch["images"][:, 0], batch["input_ids"], batch["attention_mask"]
+
+
+def make_contrastive_step(model: ContrastiveModel, tx: optax.GradientTransformation, labels: dict,
+                          lr_schedule: Callable):
+  """The step of a two-tower model: CLIP's softmax or SigLIP's sigmoid loss over the
+  batch's pairs (every other row is a negative, so the batch is not split into microbatches).
+
+  Metrics: `loss`, `accuracy` (top-1 retrieval, text -> image and image -> text averaged)
+  and `temperature` (the learned logit scale, exp(t)).
+  """
+  loss_of = siglip_loss if model.config.style == "siglip" else clip_loss
+
+  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    trainable, frozen = optim_lib.split(state.params, labels)
+    images, ids, mask = contrastive_batch(batch)
+
+    def loss_fn(train_params):
+      out = model.apply({"params": optim_lib.merge(train_params, frozen)}, images, ids, mask)
+      return loss_of(out.logits_per_text), out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    logits = out.logits_per_text
+    pairs = jnp.arange(logits.shape[0])
+    accuracy = (jnp.mean(jnp.argmax(logits, axis=1) == pairs) + jnp.mean(jnp.argmax(logits, axis=0) == pairs)) / 2
+    metrics = {"loss": loss, "accuracy": accuracy, "temperature": jnp.exp(out.logit_scale)}
+    return _apply_gradients(state, tx, lr_schedule, trainable, frozen, grads, metrics)
 
   return step_fn
