@@ -1,8 +1,13 @@
-"""The VILA recipe on the shapes world: data, tokenizer, three stages, evaluation.
+"""The VILA recipe on the shapes world: data, tokenizer, stages, evaluation.
 
 Each stage is an ordinary train config (`stage_config`) run by the train loop
 in `<workdir>/<stage>`, initialised from the previous stage's checkpoint; a
 finished stage is skipped on a re-run (the loop resumes at its last step).
+
+A stage with a `text` tower is a two-tower contrastive stage (SigLIP or CLIP
+on image–caption pairs): it pretrains the vision tower, and the next stage
+starts the VLM from scratch except for that tower (`init_parts`), as VILA
+starts from a pretrained CLIP or SigLIP tower.
 """
 
 import json
@@ -23,14 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def prepare_data(config, workdir: str) -> tuple[dict, str]:
-  """Builds the shapes-world TFDS sets and the tokenizer; returns ({task: tfds name}, tokenizer dir)."""
+  """Builds the shapes-world TFDS sets and the tokenizer; returns ({name: tfds name}, tokenizer dir).
+
+  `config.world.train` maps a name to a size (the task of that name), or to
+  {task, num, **options} (e.g. single-object captions: task="caption", max_objects=1).
+  """
   from vlm_jax.data import builders, tokenizer
   data_dir = config.data_dir or os.path.join(workdir, "data")
   names = {}
-  for task, n in config.world.train.items():
-    builder = builders.build_shapes_world(data_dir, task, sizes={"train": n},
-                                          image_size=config.world.image_size, seed=config.world.seed)
-    names[task] = f"{builder.name}/{builder.builder_config.name}"
+  for name, spec in config.world.train.items():
+    options = {"num": spec} if isinstance(spec, int) else dict(spec.items())
+    task, num = options.pop("task", name), options.pop("num")
+    builder = builders.build_shapes_world(data_dir, task, sizes={"train": num}, image_size=config.world.image_size,
+                                          seed=config.world.seed, **options)
+    names[name] = f"{builder.name}/{builder.builder_config.name}"
   tok_dir = config.tokenizer or os.path.join(workdir, "tokenizer")
   tokenizer.shapes_world_tokenizer(tok_dir, vocab_size=config.vocab_size)
   return names, tok_dir
@@ -38,10 +49,27 @@ def prepare_data(config, workdir: str) -> tuple[dict, str]:
 
 def stage_config(config, name: str, init: str, datasets: dict, tokenizer_dir: str,
                  data_dir: str) -> ml_collections.ConfigDict:
-  """The full train config of one stage."""
+  """The full train config of one stage (a contrastive stage: the two-tower model of its
+  `text` tower and the main model's vision tower, one image–caption pair per row)."""
   s = config.stages[name]
-  return train_config(config, s, max(1, round(config.total_steps * s.fraction)), init, datasets,
-                      tokenizer_dir, data_dir)
+  c = train_config(config, s, max(1, round(config.total_steps * s.fraction)), init, datasets,
+                   tokenizer_dir, data_dir)
+  if is_contrastive(s):
+    with c.unlocked():
+      c.model = contrastive_model(config.model.vision, s.text.to_dict())
+      c.data.update(seq_len=s.seq_len, image_slots=1, packing=False, truncate=True)
+  return c
+
+
+def is_contrastive(stage) -> bool:
+  return "text" in stage
+
+
+def contrastive_model(vision, text) -> ml_collections.ConfigDict:
+  """The two-tower model that pretrains `vision`; `text` is a TextConfig dict. The embeddings
+  have the tower's width (a SigLIP tower has no image projection: its pooled output is the embedding)."""
+  return ml_collections.ConfigDict(dict(kind="contrastive", vision=vision.to_dict(), text=dict(text),
+                                        projection_dim=vision.width))
 
 
 def train_config(config, s, steps: int, init: str, datasets: dict, tokenizer_dir: str,
@@ -96,16 +124,25 @@ def run(config, workdir: str) -> list[dict]:
   datasets, tok_dir = prepare_data(config, workdir)
   data_dir = config.data_dir or os.path.join(workdir, "data")
   tokenizer, _ = load_tokenizer(tok_dir)
-  init, rows = "scratch", []
+  init, parts, rows = "scratch", {}, []
   for name in config.stage_order:
     stage_dir = os.path.join(workdir, name)
-    summary = train(stage_config(config, name, init, datasets, tok_dir, data_dir), stage_dir)
+    c = stage_config(config, name, init, datasets, tok_dir, data_dir)
+    contrastive = is_contrastive(config.stages[name])
+    if not contrastive:
+      with c.unlocked():
+        c.init_parts = parts
+    summary = train(c, stage_dir)
+    row = {"stage": name, "steps": summary["steps"].split(" of ")[-1], "train loss": summary["last loss"],
+           "train wall (s)": summary["wall (s)"]}
+    if contrastive:  # a tower for the next stage; its train accuracy is in-batch retrieval
+      parts = {"vision": f"checkpoint:{stage_dir}"}
+      rows.append({**row, "pair retrieval (train) acc": summary["last accuracy"]})
+      continue
     t_eval = time.perf_counter()
     results = evaluate(config, summary["model"], jax.device_get(summary["state"].params), tokenizer)
-    rows.append({"stage": name, "steps": summary["steps"].split(" of ")[-1],
-                 "train loss": summary["last loss"], "train wall (s)": summary["wall (s)"],
-                 "eval wall (s)": round(time.perf_counter() - t_eval, 1), **results})
-    init = f"checkpoint:{stage_dir}"
+    rows.append({**row, "eval wall (s)": round(time.perf_counter() - t_eval, 1), **results})
+    init, parts = f"checkpoint:{stage_dir}", {}
   if jax.process_index() == 0:
     print_stage_table(rows)
     print(f"total wall time (data, tokenizer, training, evaluation): {(time.perf_counter() - start) / 60:.1f} min")
@@ -115,8 +152,10 @@ def run(config, workdir: str) -> list[dict]:
 
 def print_stage_table(rows: list[dict]) -> str:
   """One row per metric, one column per stage (accuracies as percentages)."""
-  metrics = [k for k in rows[0] if k != "stage"]
+  metrics = list(dict.fromkeys(k for r in rows for k in r if k != "stage"))
   def fmt(k, v):
+    if v is None:  # not measured for this stage (a contrastive stage has no VLM to evaluate)
+      return "-"
     if isinstance(v, float):
       return report.format_percent(v) if k.endswith("acc") else report.format_number(v)
     return v
