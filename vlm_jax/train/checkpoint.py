@@ -91,20 +91,23 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
 
 
 def _check_restored(params: Any, abstract_params: Any, source: str) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = jax.tree_util.keystr(path)
-    want = _at(abstract_params, path)
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-      raise ValueError(f"the checkpoint {source} has no parameter {name} (a checkpoint of another model?)")
-    if leaf.shape != want.shape:
-      raise ValueError(f"the checkpoint {source} has {name} of shape {leaf.shape}, this model "
-                       f"{want.shape} (a checkpoint of another model?)")
+  missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise ValueError(f"the checkpoint {source} has no parameter {missing[0]} (a checkpoint of another model?)")
+  check_same_shapes(params, abstract_params, f"the checkpoint {source}")
 
 
-def _at(tree: Any, path) -> Any:
-  for key in path:
-    tree = tree[key.key]
-  return tree
+def check_same_shapes(params, abstract, source: str) -> None:
+  """Raises a ValueError naming the first parameter `params` lacks, adds or shapes otherwise than `abstract`."""
+  from flax import traverse_util
+  got = traverse_util.flatten_dict(params, sep="/")
+  want = traverse_util.flatten_dict(abstract, sep="/")
+  for name in sorted(set(got) | set(want)):
+    if name not in got or name not in want or got[name].shape != want[name].shape:
+      raise ValueError(f"{source} does not fit config.model: parameter {name!r} is "
+                       f"{got[name].shape if name in got else 'missing'} there and "
+                       f"{want[name].shape if name in want else 'absent'} in the config")
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

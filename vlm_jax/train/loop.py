@@ -29,7 +29,7 @@ from vlm_jax.models.params import example_inputs
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel.distributed import global_batch
 from vlm_jax.train import optim as optim_lib
-from vlm_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
+from vlm_jax.train.checkpoint import Checkpointer, abstract_like, check_same_shapes, restore_params
 from vlm_jax.peft import lora as lora_lib
 from vlm_jax.sparsity import masks as masks_lib
 from vlm_jax.train.step import SparseTraining, TrainState, make_train_step
@@ -160,17 +160,6 @@ def sparse_initial_params(config, setup: StepSetup, masks: dict) -> dict:
                         config.seed)
   adapters = lora_lib.init(base, [tuple(r) for r in config.sparse.lora_ranks], jax.random.key(config.seed))
   return {"base": base, "lora": jax.device_put(adapters, setup.param_shardings["lora"])}
-
-
-def check_same_shapes(params, abstract, source: str) -> None:
-  from flax import traverse_util
-  got = traverse_util.flatten_dict(params, sep="/")
-  want = traverse_util.flatten_dict(abstract, sep="/")
-  for name in sorted(set(got) | set(want)):
-    if name not in got or name not in want or got[name].shape != want[name].shape:
-      raise ValueError(f"{source} does not fit config.model: parameter {name!r} is "
-                       f"{got[name].shape if name in got else 'missing'} there and "
-                       f"{want[name].shape if name in want else 'absent'} in the config")
 
 
 # ----------------------------------------------------------------------------- data
