@@ -11,13 +11,13 @@ from vlm_jax.train import vila
 
 
 def test_stages_run_chain_and_evaluate(tmp_path, capsys):
-  """The main job with its tower pretrained (`pretrain_tower=True`): every stage kind runs."""
-  config = shapes_vila.get_config("quick=True,pretrain_tower=True")
+  """Every stage kind runs: contrastive tower, text-only LM, the three VILA stages."""
+  config = shapes_vila.get_config("quick=True")
   with config.unlocked():
     config.progress = False
   rows = vila.run(config, str(tmp_path))
 
-  assert [r["stage"] for r in rows] == ["vision", "stage0", "stage1", "stage2"]
+  assert [r["stage"] for r in rows] == ["vision", "lm", "stage0", "stage1", "stage2"]
   assert 0.0 <= rows[0]["pair retrieval (train) acc"] <= 1.0 and "vqa acc" not in rows[0]
   for row in rows[1:]:
     assert {"caption CIDEr-D", "vqa acc", "vqa/color acc", "vqa/shape acc", "region acc", "text_qa acc"} <= set(row)
@@ -25,21 +25,24 @@ def test_stages_run_chain_and_evaluate(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "evaluation after each VILA stage" in out and "vqa/color acc" in out
   assert "total wall time" in out and all(r["train wall (s)"] > 0 for r in rows)
-  # Each stage started from the previous one's checkpoint; stage 0 took the contrastive
-  # stage's vision tower and trained only the projector, so its tower is that one, bit for bit.
   from vlm_jax.train.checkpoint import Checkpointer, restore_params
   for stage in config.stage_order:
     assert Checkpointer(str(tmp_path / stage / "checkpoints")).steps()[-1] > 0
-  stage0 = json.load(open(tmp_path / "stage0" / "config.json"))
-  assert stage0["init"] == "scratch" and stage0["init_parts"] == {"vision": f"checkpoint:{tmp_path / 'vision'}"}
-  stage1 = json.load(open(tmp_path / "stage1" / "config.json"))
-  assert stage1["init"] == f"checkpoint:{tmp_path / 'stage0'}" and stage1["init_parts"] == {}
+  # The lm stage took the contrastive stage's tower; every later stage starts from the one before.
+  lm = json.load(open(tmp_path / "lm" / "config.json"))
+  assert lm["init"] == "scratch" and lm["init_parts"] == {"vision": f"checkpoint:{tmp_path / 'vision'}"}
+  for before, stage in [("lm", "stage0"), ("stage0", "stage1"), ("stage1", "stage2")]:
+    c = json.load(open(tmp_path / stage / "config.json"))
+    assert c["init"] == f"checkpoint:{tmp_path / before}" and c["init_parts"] == {}
   assert json.load(open(tmp_path / "vision" / "config.json"))["model"]["kind"] == "contrastive"
+  # What a stage freezes arrives bit for bit: the tower through lm and stage 0, the LM through stage 0.
   from vlm_jax.models import build_model
   from vlm_jax.models.params import abstract_params
-  vision = {"vision": abstract_params(build_model(config.model))["vision"]}
-  tower, vlm = (restore_params(str(tmp_path / s), vision, partial=True)["vision"] for s in ("vision", "stage0"))
-  jax.tree.map(np.testing.assert_array_equal, tower, vlm)
+  abstract = abstract_params(build_model(config.model))
+  part = lambda stage, name: restore_params(str(tmp_path / stage), {name: abstract[name]}, partial=True)[name]
+  for stage in ("lm", "stage0"):
+    jax.tree.map(np.testing.assert_array_equal, part("vision", "vision"), part(stage, "vision"))
+  jax.tree.map(np.testing.assert_array_equal, part("lm", "lm"), part("stage0", "lm"))
   losses = [json.loads(l)["loss"] for l in open(tmp_path / "stage2" / "metrics.jsonl") if '"loss"' in l]
   assert losses[-1] < losses[0]
 
@@ -47,24 +50,26 @@ def test_stages_run_chain_and_evaluate(tmp_path, capsys):
 def test_stage_configs_follow_the_vila_freezing():
   config = shapes_vila.get_config()
   groups = {name: [tuple(g) for g in config.stages[name].groups] for name in config.stages}
-  assert config.stage_order == ("stage0", "stage1", "stage2")
-  assert groups["stage0"] == [("projector/.*", 1.0), (".*", None)]
-  # VILA freezes its (pretrained) tower in stage 1; ours starts from random weights, so
-  # stage 1 trains it too (README: "One deviation from VILA").
-  assert groups["stage1"] == [(".*", 1.0)]
-  assert groups["stage2"] == [(".*", 1.0)]
-  assert sum(config.stages[n].fraction for n in config.stages) == np.float64(1.0)
-
-
-def test_a_pretrained_tower_is_frozen_as_vila_freezes_it():
-  config = shapes_vila.get_config("pretrain_tower=True")
-  groups = {name: [tuple(g) for g in config.stages[name].groups] for name in config.stages}
-  assert config.stage_order == ("vision", "stage0", "stage1", "stage2")
+  assert config.stage_order == ("vision", "lm", "stage0", "stage1", "stage2")
+  # the two pretrained towers: the contrastive stage trains its two towers, the lm stage the LM alone
   assert vila.is_contrastive(config.stages.vision) and groups["vision"] == [(".*", 1.0)]
+  assert groups["lm"] == [("lm/.*", 1.0), (".*", None)]
+  assert {task for task, _ in config.stages.lm.sources} == {"text_corpus", "text_qa"}
   # stage 0 the projector alone, stage 1 the LM too on the frozen tower, stage 2 (VILA1.5)
   # the tower too, at a tenth of the learning rate
   assert groups["stage0"] == [("projector/.*", 1.0), (".*", None)]
   assert groups["stage1"] == [("vision/.*", None), (".*", 1.0)]
   assert groups["stage2"] == [("vision/.*", 0.1), (".*", 1.0)]
   assert sum(config.stages[n].fraction for n in config.stages) == np.float64(1.0)
+  steps = {n: round(config.total_steps * config.stages[n].fraction) for n in config.stage_order}
+  assert steps == shapes_vila.STEPS
   assert config.model.vision.pool == "mean_max" and config.world.train.caption_single.max_objects == 1
+
+
+def test_without_pretraining_everything_trains_from_scratch():
+  config = shapes_vila.get_config("pretrain=False")
+  assert config.stage_order == ("stage0", "stage1", "stage2") and sorted(config.stages) == list(config.stage_order)
+  assert [tuple(g) for g in config.stages.stage1.groups] == [(".*", 1.0)]
+  assert [tuple(g) for g in config.stages.stage2.groups] == [(".*", 1.0)]
+  steps = {n: round(config.total_steps * config.stages[n].fraction) for n in config.stage_order}
+  assert steps == {n: shapes_vila.STEPS[n] for n in config.stage_order}

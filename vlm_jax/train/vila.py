@@ -7,7 +7,8 @@ finished stage is skipped on a re-run (the loop resumes at its last step).
 A stage with a `text` tower is a two-tower contrastive stage (SigLIP or CLIP
 on image–caption pairs): it pretrains the vision tower, and the next stage
 starts the VLM from scratch except for that tower (`init_parts`), as VILA
-starts from a pretrained CLIP or SigLIP tower.
+starts from a pretrained CLIP or SigLIP tower. Pretraining the LM needs no
+special stage: a VLM stage that trains only `lm/.*` on text-only sources.
 """
 
 import json
