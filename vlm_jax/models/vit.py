@@ -33,7 +33,7 @@ class ViTConfig:
   use_head: bool = False  # SigLIP attention-pooling head
   # Channels of stride-2 3x3 convolutions run before the patch embedding (the
   # "early convolutions" of Xiao et al. 2021): a from-scratch tower learns
-  # shapes sooner with them (README, the main job; some seeds lose colour there).
+  # shapes sooner with them (README, the main job).
   # Not in any Hugging Face tower; () is a plain ViT.
   stem: tuple[int, ...] = ()
   # How `pooled` (the image embedding of a contrastive model) is made: "default"
