@@ -23,8 +23,7 @@ import ml_collections
 
 from configs import common, models
 
-# Steps per stage out of TOTAL_STEPS (`fraction` = steps / TOTAL_STEPS).
-TOTAL_STEPS = 5200
+# Steps of each stage; `total_steps` is their sum, and each stage gets its share of it.
 STEPS = dict(vision=1000, lm=400, stage0=200, stage1=1200, stage2=2400)
 
 
@@ -50,32 +49,30 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer = ""  # default <workdir>/tokenizer
   c.vocab_size = 512
 
-  def stage(name, lr, groups, sources, batch=16, **extra):
-    return ml_collections.ConfigDict(dict(fraction=STEPS[name] / TOTAL_STEPS, lr=lr, groups=groups,
-                                          sources=sources, global_batch_size=batch, **extra))
+  def stage(lr, groups, sources, batch=16, **extra):
+    return ml_collections.ConfigDict(dict(lr=lr, groups=groups, sources=sources, global_batch_size=batch,
+                                          **extra))
 
   # Learning rates are scaled up from VILA's (1e-3 / 5e-5 / 2e-5 for 7B) for a model
   # trained from scratch in minutes; the freezing follows METHODS §1.
   c.stages = ml_collections.ConfigDict(dict(
-      stage0=stage("stage0", 3e-3, [("projector/.*", 1.0), (".*", None)], [("caption", 1.0)]),
-      stage1=stage("stage1", 2e-3, [("vision/.*", None), (".*", 1.0)],
+      stage0=stage(3e-3, [("projector/.*", 1.0), (".*", None)], [("caption", 1.0)]),
+      stage1=stage(2e-3, [("vision/.*", None), (".*", 1.0)],
                    [("interleaved", 1.0), ("caption", 2.5), ("text_corpus", 0.5)]),
       # VILA1.5 also trains the tower in SFT; at full lr it would lose what it learned
-      stage2=stage("stage2", 1e-3, [("vision/.*", 0.1), (".*", 1.0)],
+      stage2=stage(1e-3, [("vision/.*", 0.1), (".*", 1.0)],
                    [("vqa", 3.0), ("region", 1.0), ("text_qa", 1.0), ("caption", 0.5)]),
   ))
   c.stage_order = ("stage0", "stage1", "stage2")  # run order (ConfigDict keys iterate sorted)
-  c.total_steps = TOTAL_STEPS
   if args.pretrain:
     pretrain_towers(c, args.quick, stage)
   else:
     for name in ("stage1", "stage2"):
       c.stages[name].groups = [(".*", 1.0)]
-    c.total_steps = sum(STEPS[n] for n in c.stage_order)
-    for name in c.stage_order:
-      c.stages[name].fraction = STEPS[name] / c.total_steps
-  if args.quick:
-    c.total_steps = 60
+  total = sum(STEPS[name] for name in c.stage_order)
+  for name in c.stage_order:
+    c.stages[name].fraction = STEPS[name] / total
+  c.total_steps = 60 if args.quick else total
   c.seq_len = 128
   c.image_slots = 4
   c.packing = True
@@ -96,9 +93,9 @@ def pretrain_towers(c: ml_collections.ConfigDict, quick: bool, stage) -> None:
   # the tower little shape, the mean alone too (README).
   c.model.vision.pool = "mean_max"
   c.stages.vision = stage(
-      "vision", 3e-3, [(".*", 1.0)], [("caption_single", 1.0)], batch=128, seq_len=24,
+      3e-3, [(".*", 1.0)], [("caption_single", 1.0)], batch=128, seq_len=24,
       text=dict(style="clip", vocab_size=c.vocab_size, width=64, depth=2, num_heads=4, mlp_dim=128,
                 max_len=24, act="quick_gelu", pool="last"))
   # The VLM itself, with only its LM trained, on rows without images.
-  c.stages.lm = stage("lm", 2e-3, [("lm/.*", 1.0), (".*", None)], [("text_corpus", 1.0), ("text_qa", 1.0)])
+  c.stages.lm = stage(2e-3, [("lm/.*", 1.0), (".*", None)], [("text_corpus", 1.0), ("text_qa", 1.0)])
   c.stage_order = ("vision", "lm") + tuple(c.stage_order)
