@@ -56,10 +56,10 @@ def test_stage_configs_follow_the_vila_freezing():
   assert groups["lm"] == [("lm/.*", 1.0), (".*", None)]
   assert {task for task, _ in config.stages.lm.sources} == {"text_corpus", "text_qa"}
   # stage 0 the projector alone, stage 1 the LM too on the frozen tower, stage 2 (VILA1.5)
-  # the tower too, at a tenth of the learning rate
+  # the tower too, at 0.3 of the learning rate
   assert groups["stage0"] == [("projector/.*", 1.0), (".*", None)]
   assert groups["stage1"] == [("vision/.*", None), (".*", 1.0)]
-  assert groups["stage2"] == [("vision/.*", 0.1), (".*", 1.0)]
+  assert groups["stage2"] == [("vision/.*", 0.3), (".*", 1.0)]
   assert sum(config.stages[n].fraction for n in config.stages) == np.float64(1.0)
   steps = {n: round(config.total_steps * config.stages[n].fraction) for n in config.stage_order}
   assert steps == shapes_vila.STEPS
