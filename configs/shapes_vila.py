@@ -27,6 +27,11 @@ from configs import common, models
 STEPS = dict(vision=1000, lm=400, stage0=200, stage1=1200, stage2=2400)
 
 
+def stage(lr, groups, sources, batch=16, **extra) -> ml_collections.ConfigDict:
+  """One stage: lr, freezing groups [(regex, lr multiplier | None)], sources [(task, weight)]."""
+  return ml_collections.ConfigDict(dict(lr=lr, groups=groups, sources=sources, global_batch_size=batch, **extra))
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, quick=False, pretrain=True)
   c = ml_collections.ConfigDict()
@@ -49,10 +54,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer = ""  # default <workdir>/tokenizer
   c.vocab_size = 512
 
-  def stage(lr, groups, sources, batch=16, **extra):
-    return ml_collections.ConfigDict(dict(lr=lr, groups=groups, sources=sources, global_batch_size=batch,
-                                          **extra))
-
   # Learning rates are scaled up from VILA's (1e-3 / 5e-5 / 2e-5 for 7B) for a model
   # trained from scratch in minutes; the freezing follows METHODS §1.
   c.stages = ml_collections.ConfigDict(dict(
@@ -66,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   ))
   c.stage_order = ("stage0", "stage1", "stage2")  # run order (ConfigDict keys iterate sorted)
   if args.pretrain:
-    pretrain_towers(c, args.quick, stage)
+    pretrain_towers(c, args.quick)
   else:  # a random tower trains in stages 1 and 2 at the full lr
     for name in ("stage1", "stage2"):
       c.stages[name].groups = [(".*", 1.0)]
@@ -86,7 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-def pretrain_towers(c: ml_collections.ConfigDict, quick: bool, stage) -> None:
+def pretrain_towers(c: ml_collections.ConfigDict, quick: bool) -> None:
   """Adds the `vision` (contrastive) and `lm` (text-only) stages before stage 0."""
   # one object per image, so that every caption names a shape
   c.world.train.caption_single = dict(task="caption", num=200 if quick else 6000, max_objects=1)
