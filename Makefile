@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m launch.main --config=configs/shapes_vila.py --workdir=workdirs/shapes_vila
+	$(PY) -m launch.main --config=configs/shapes/vila.py --workdir=workdirs/shapes_vila
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     f = (len(batches) - 1) / len(batches)
     rows.append(dict(side="vlm_jax job, batches 2+", s=rest, samples_s=(n - args.batch) / rest,
                      tok_s=real_tokens * f / rest, target_tok_s=target_tokens * f / rest, first_call_s=None))
-  from vlm_jax.eval import report
+  from vlm_jax import report
   title = (f"perplexity scoring, {args.model} ({count_params(params) / 1e6:.2f}M), {n} records, batch "
            f"{args.batch} x {args.seq}, float32, {jax.devices()[0].platform} / torch {torch.__version__} "
            f"({torch.get_num_threads()} threads)")

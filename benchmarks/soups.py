@@ -92,7 +92,7 @@ def main(argv=None):
     logging.getLogger(noisy).setLevel(logging.ERROR)
   import jax
   from vlm_jax import soups
-  from vlm_jax.eval import report
+  from vlm_jax import report
   from vlm_jax.models import count_params
   from vlm_jax.train.checkpoint import Checkpointer
 

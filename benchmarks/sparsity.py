@@ -38,13 +38,13 @@ import torch
 import transformers
 
 import vlm_jax
-from configs import common
+from vlm_jax.train.config import default_config
 from configs.repair import repair_groups, sparse_block
 from tests import sparsity_reference as ref
 from vlm_jax import sparsity
 from vlm_jax.data.synthetic import SyntheticBatches
 from vlm_jax.data import schema
-from vlm_jax.eval.report import print_table
+from vlm_jax.report import print_table
 from vlm_jax.models.build import model_config
 from vlm_jax.sparsity import masks as masks_lib
 from vlm_jax.train import optim as optim_lib
@@ -99,7 +99,7 @@ def bench_steps(args, folder: str) -> list[dict]:
   rows = []
   for name, mode, kd in (("dense", None, 0.0), ("masked (50%)", "masked", 0.0),
                          ("SparseLoRA", "sparse_lora", 0.0), ("SparseLoRA + KD", "sparse_lora", 0.1)):
-    c = common.train_base()
+    c = default_config()
     c.model = model_config(model)
     c.total_steps = 100
     c.init = f"hf:{folder}"

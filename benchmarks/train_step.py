@@ -65,7 +65,8 @@ import transformers
 transformers.utils.logging.disable_progress_bar()
 
 import vlm_jax
-from configs import common, models
+from configs import models
+from vlm_jax.train.config import default_config
 from vlm_jax.data import schema
 from vlm_jax.data.synthetic import SyntheticBatches
 from vlm_jax.models.params import count_params
@@ -79,7 +80,7 @@ from vlm_jax.train.step import TrainState
 
 def train_config(size: str, args):
   """A train config for preset `size`: float32, every parameter trained, constant lr, no decay."""
-  c = common.train_base()
+  c = default_config()
   c.model = models.preset(size)
   c.model.text.update(dict(dtype="float32", param_dtype="float32", scan_layers=args.scan, remat=args.remat))
   c.model.vision.update(dict(dtype="float32", param_dtype="float32"))

@@ -30,11 +30,12 @@ devices). Optimiser: AdamW lr 5e-5, 3% warmup, cosine to 0, weight decay 0 (VILA
 import ml_collections
 
 from configs import common, models
+from vlm_jax.train.config import default_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, init="scratch")
-  config = common.train_base()
+  config = default_config()
   config.init = args.init
   config.model = models.preset("llava15_7b")
   config.model.text.scan_layers = True

@@ -20,6 +20,7 @@ Per-layer overrides: `--config.prune.overrides="(('lm/layers_0/.*', 0.3),)"`.
 import ml_collections
 
 from configs import common, models
+from vlm_jax.train.config import default_config
 
 
 def model_block(name: str):
@@ -27,7 +28,7 @@ def model_block(name: str):
   if not name:
     return None
   if name == "shapes_vila":
-    from configs import shapes_vila
+    from configs.shapes import vila as shapes_vila
     return shapes_vila.get_config().model
   return models.preset(name)
 
@@ -49,7 +50,7 @@ def data_block(source: str, data_dir: str, tokenizer: str, batch: int = 16, seq_
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, init="", model="", method="wanda", pattern="row", vision=0.5, projector=0.0,
                        lm=0.5, rows=128, source="", data_dir="", tokenizer="", export_hf="")
-  c = common.train_base()
+  c = default_config()
   c.job = "prune"
   c.init = a.init
   c.model = model_block(a.model)

@@ -14,6 +14,7 @@ their masks and `sparsity.json`, plus a Hugging Face folder with `export_hf=<fol
 import ml_collections
 
 from configs import common
+from vlm_jax.train.config import default_config
 from configs.prune import data_block, model_block
 
 
@@ -36,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, init="", model="", masks="", mode="sparse_lora", steps=200, lr=1e-4, batch=16,
                        alpha=16.0, rank_vision=4, rank_lm=8, kd=0.1, temperature=1.0, source="", data_dir="",
                        tokenizer="", export_hf="")
-  c = common.train_base()
+  c = default_config()
   c.job = "repair"
   c.init = a.init
   c.model = model_block(a.model)

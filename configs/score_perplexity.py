@@ -5,9 +5,9 @@ end token included, conditioned on the image and a fixed prompt), then keep the 
 fraction as a new TFDS data set. See vlm_jax/curation/perplexity.py.
 
 1. A data set and a model. Here: 2000 shapes-world captions, 20% of them corrupted (the
-   caption of another scene), scored by the VLM of `configs/shapes_vila.py` after training:
+   caption of another scene), scored by the VLM of `configs/shapes/vila.py` after training:
 
-    python -m launch.main --config=configs/shapes_vila.py --workdir=workdirs/shapes_vila
+    python -m launch.main --config=configs/shapes/vila.py --workdir=workdirs/shapes_vila
     python -c "from vlm_jax.data import builders; b = builders.build_shapes_world('workdirs/ppl/data', 'caption', sizes={'train': 2000}, image_size=64, corruption_rate=0.2); print(f'{b.name}/{b.builder_config.name}')"
     # prints shapes_world/caption_64px_s0_ccaba0a90a
 
@@ -63,7 +63,7 @@ def _model(name: str):
   if name == "hf":
     return None  # read from the init folder
   if name == "shapes_vila":
-    from configs import shapes_vila
+    from configs.shapes import vila as shapes_vila
     return shapes_vila.get_config().model.copy_and_resolve_references()
   return models.preset(name)
 

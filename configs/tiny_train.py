@@ -7,11 +7,12 @@
 import ml_collections
 
 from configs import common, models
+from vlm_jax.train.config import default_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, model="tiny")
-  config = common.train_base()
+  config = default_config()
   config.model = models.preset(args.model)
   config.total_steps = 20
   config.checkpoint_every = 10

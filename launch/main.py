@@ -46,15 +46,14 @@ def _lazy(target: str):
 # config.job -> what runs it, as `(config, workdir)`.
 JOBS = {name: _lazy(target) for name, target in {
     "train": "vlm_jax.train.loop:train",
-    "vila": "vlm_jax.train.vila:run",
-    "soup": "vlm_jax.soups:run",
-    "score": "vlm_jax.curation.perplexity:score",
-    "filter": "vlm_jax.curation.perplexity:filter_data",
-    "ppl_demo": "vlm_jax.curation.shapes_demo:run",
-    "soup_demo": "vlm_jax.soups_demo:run",
+    "soup": "vlm_jax.soups.jobs:soup",
+    "score": "vlm_jax.curation.jobs:score",
+    "filter": "vlm_jax.curation.jobs:filter_data",
     "prune": "vlm_jax.sparsity.jobs:prune",
     "repair": "vlm_jax.sparsity.jobs:repair",
-    "sparsity_demo": "vlm_jax.sparsity.shapes_demo:run",
+    # the shapes-world demonstrations: vlm_jax/experiments/shapes/<name>.py, configs/shapes/<name>.py
+    **{f"shapes_{name}": f"vlm_jax.experiments.shapes.{name}:run" for name in ("vila", "ppl_filter", "soups",
+                                                                               "sparsity")},
 }.items()}
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from vlm_jax.train.config import default_config
 from vlm_jax.models import build_model, clip_loss, init_params, siglip_loss
 from vlm_jax.train import optim as optim_lib
 from vlm_jax.train.step import TrainState, make_train_step
@@ -33,7 +33,7 @@ def world(tmp_path_factory):
 
 
 def pairs_config(world, model, steps=6):
-  c = common.train_base()
+  c = default_config()
   c.model = model
   c.total_steps = steps
   c.checkpoint_every = steps
@@ -77,7 +77,7 @@ def test_contrastive_step_reports_the_two_tower_loss_and_learns(style, loss_of):
   want_acc = (np.mean(np.argmax(out.logits_per_text, 1) == hits) + np.mean(np.argmax(out.logits_per_text, 0) == hits)) / 2
 
   labels = optim_lib.path_labels(params, [(".*", 1.0)])
-  optim = common.train_base().optim
+  optim = default_config().optim
   optim.update(dict(lr=3e-3, schedule="constant", warmup_frac=0.0, clip_norm=0.0))
   optim.total_steps = 20
   tx = optim_lib.make_optimizer(optim, labels)

@@ -16,12 +16,11 @@ from vlm_jax.eval import (
     mean_perplexity,
     normalize_answer,
     perplexity,
-    print_table,
     tokenize,
     vqa_accuracy_by_type,
     vqa_exact_match,
-    write_json,
 )
+from vlm_jax.report import print_table, write_json
 
 # ---------------------------------------------------------------------------
 # VQA normalisation and exact match

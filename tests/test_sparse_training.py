@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import models
+from vlm_jax.train.config import default_config
 from vlm_jax import sparsity
 from vlm_jax.models.build import build_model
 from vlm_jax.models.params import init_params
@@ -73,9 +74,8 @@ def test_distillation_needs_sparselora():
 
 
 def _train_config(workdir, masks_dir, mode, steps=6):
-  from configs import common
-  from configs.repair import repair_groups, sparse_block
-  c = common.train_base()
+    from configs.repair import repair_groups, sparse_block
+  c = default_config()
   c.model = _lm_config()
   c.total_steps = steps
   c.checkpoint_every = steps

@@ -569,7 +569,7 @@ def load_evaluator(spec: str) -> Callable[[Params], float]:
 def run(config, workdir: str) -> dict:
   """The `soup` job (configs/soup.py): soup, table, `<workdir>/soup.json`, saved soup; returns the JSON."""
   import time
-  from vlm_jax.eval import report
+  from vlm_jax import report
   kind = config.kind
   if kind not in ("uniform", "maximum", "greedy"):
     raise ValueError(f"config.kind must be 'uniform', 'maximum' or 'greedy', got {kind!r}")

@@ -269,7 +269,7 @@ class _Writer:
   """Appends score lines and saves the progress (iterator state + lines) after each batch."""
 
   def __init__(self, workdir: str, process: int, fingerprint: dict):
-    from vlm_jax.eval import report
+    from vlm_jax import report
     self._write_json = report.write_json
     self.scores_path = os.path.join(workdir, f"scores.{process}.jsonl")
     self.progress_path = os.path.join(workdir, f"progress.{process}.json")
@@ -388,7 +388,7 @@ def score(config, workdir: str, *, params: Any = None, devices: Optional[Sequenc
   import jax
   from tqdm.auto import tqdm
   from vlm_jax.data import pipeline, schema
-  from vlm_jax.eval import report
+  from vlm_jax import report
   from vlm_jax.parallel import mesh as mesh_lib
   from vlm_jax.parallel.distributed import global_batch
 
@@ -753,7 +753,7 @@ def filter_data(config, workdir: str) -> dict:
   """The `filter` job: select from `<workdir>/scores.jsonl` (or `filter.scores`), write the
   filtered TFDS data set, print the histogram, both tails and a summary, write filter.json."""
   import jax
-  from vlm_jax.eval import report
+  from vlm_jax import report
 
   if jax.process_index() != 0:
     return {}

@@ -1,4 +1,4 @@
-"""Evaluation: VQA / caption / classification / LM metrics and result reporting."""
+"""Evaluation: VQA / caption / classification / LM metrics and the evaluators (tables: `vlm_jax.report`)."""
 
 from vlm_jax.eval.metrics import (
     accuracy,
@@ -13,7 +13,6 @@ from vlm_jax.eval.metrics import (
     vqa_accuracy_by_type,
     vqa_exact_match,
 )
-from vlm_jax.eval.report import format_number, format_percent, print_table, write_json
 
 __all__ = [
     "accuracy",
@@ -21,14 +20,10 @@ __all__ = [
     "bleu4",
     "cider_d",
     "cider_d_scores",
-    "format_number",
-    "format_percent",
     "mean_perplexity",
     "normalize_answer",
     "perplexity",
-    "print_table",
     "tokenize",
     "vqa_accuracy_by_type",
     "vqa_exact_match",
-    "write_json",
 ]

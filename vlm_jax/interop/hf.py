@@ -98,6 +98,13 @@ def _restack(model: nn.Module, params: dict, fn) -> dict:
   return {**params, "lm": fn(params["lm"])}
 
 
+def model_from_folder(folder: str, **lm_overrides: Any) -> nn.Module:
+  """The vlm_jax module of a Hugging Face folder, from its config.json alone (no weights read)."""
+  arch, hf_config = _read_hf_config(folder)
+  model = arch.module(arch.config_from_hf(hf_config))
+  return type(model)(hf_configs.replace_lm(model.config, **lm_overrides)) if lm_overrides else model
+
+
 def from_hf(folder: str, **lm_overrides: Any) -> tuple[nn.Module, dict]:
   """Loads a local Hugging Face checkpoint folder: returns `(model, params)`.
 
@@ -107,9 +114,8 @@ def from_hf(folder: str, **lm_overrides: Any) -> tuple[nn.Module, dict]:
   `remat=True`, `dtype="bfloat16"`). Parameters keep the config's
   `param_dtype` (float32) whatever dtype the file stores.
   """
-  arch, hf_config = _read_hf_config(folder)
-  model = arch.module(arch.config_from_hf(hf_config))
-  model = type(model)(hf_configs.replace_lm(model.config, **lm_overrides)) if lm_overrides else model
+  arch, _ = _read_hf_config(folder)
+  model = model_from_folder(folder, **lm_overrides)
   expected = traverse_util.flatten_dict(abstract_params(_with_unscanned_lm(model)), sep="/")
 
   reader = TensorReader(folder)

@@ -1,4 +1,9 @@
-"""Parameter-tree utilities: initialise, count, name axes, stack scanned layers."""
+"""Parameter-tree utilities: initialise, count, name axes, stack scanned layers, path-keyed views.
+
+Techniques address parameters by their `/`-joined path (`lm/layers_0/mlp/up/kernel`):
+`flat` / `unflat` convert, and `is_linear_kernel` is the one rule for what counts as a
+linear layer's weight (pruning and LoRA both act on exactly these).
+"""
 
 import re
 from typing import Any
@@ -7,6 +12,37 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+
+# Linear kernels (2-D, or 3-D when layers are scanned); 4-D conv kernels (patch embeddings) are not.
+LINEAR_KERNEL = re.compile(r".*/kernel$")
+
+
+def flat(tree: dict) -> dict:
+  """{"a": {"b": x}} -> {"a/b": x}."""
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def unflat(tree: dict) -> dict:
+  """Inverse of `flat`."""
+  return traverse_util.unflatten_dict(tree, sep="/")
+
+
+def is_linear_kernel(path: str, leaf: Any) -> bool:
+  """Whether the parameter at `path` is a linear layer's `[..., in, out]` kernel."""
+  return bool(LINEAR_KERNEL.fullmatch(path)) and np.ndim(leaf) in (2, 3)
+
+
+def check_companion_fits(params: dict, tree: dict, what: str) -> None:
+  """A clear error when `tree` (masks, adapters: keyed by parameter paths, a subset of them)
+  names a parameter `params` lacks or shapes one otherwise: a tree from another model."""
+  fp = flat(params)
+  for path, leaf in flat(tree).items():
+    if path not in fp:
+      raise ValueError(f"{what} for {path!r}, which is not a parameter of this model")
+    if tuple(np.shape(leaf)) != tuple(np.shape(fp[path])):
+      raise ValueError(f"{what} for {path!r} has shape {np.shape(leaf)}, the parameter {np.shape(fp[path])}")
 
 
 def example_inputs(model: nn.Module) -> tuple:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.sparsity.masks import LINEAR_KERNEL, check_masks_fit, flat, unflat
+from vlm_jax.models.params import check_companion_fits, flat, is_linear_kernel, unflat
 
 
 def adapted_kernels(params: dict, ranks: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -34,7 +34,7 @@ def adapted_kernels(params: dict, ranks: Iterable[tuple[str, int]]) -> dict[str,
   rules = [(re.compile(p), int(r)) for p, r in ranks]
   out = {}
   for path, leaf in flat(params).items():
-    if not (LINEAR_KERNEL.fullmatch(path) and np.ndim(leaf) in (2, 3)):
+    if not is_linear_kernel(path, leaf):
       continue
     rank = next((r for p, r in rules if p.fullmatch(path)), 0)
     if rank:
@@ -73,7 +73,7 @@ def merge(params: dict, lora: Optional[dict], masks: Optional[dict], alpha: floa
   factors = _factors(lora) if lora else {}
   fm = flat(masks) if masks else {}
   if masks:
-    check_masks_fit(params, masks)
+    check_companion_fits(params, masks, "mask")
   out = {}
   for path, w in flat(params).items():
     if path in factors:

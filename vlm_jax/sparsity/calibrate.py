@@ -33,7 +33,7 @@ from vlm_jax.models.params import stack_layers, unstack_layers
 from vlm_jax.models.vit import VisionTower, encoder_block
 from vlm_jax.models.vlm import VLM, projector_of
 from vlm_jax.sparsity import pruners
-from vlm_jax.sparsity.masks import flat, unflat
+from vlm_jax.models.params import flat, unflat
 
 log = logging.getLogger(__name__)
 

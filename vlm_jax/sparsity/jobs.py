@@ -21,7 +21,7 @@ import ml_collections
 
 from vlm_jax import sparsity
 from vlm_jax.data import schema
-from vlm_jax.eval import report
+from vlm_jax import report
 from vlm_jax.models.build import build_model
 from vlm_jax.models.params import abstract_params
 from vlm_jax.parallel import mesh as mesh_lib

@@ -24,24 +24,16 @@ from typing import Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+
+from vlm_jax.models.params import check_companion_fits, flat, is_linear_kernel, unflat
 
 Params = dict
 Masks = dict
 
 TOWERS = ("vision", "projector", "lm")
-# Linear kernels (2-D, or 3-D when scanned); 4-D conv kernels (patch embeddings)
-# do not match. Output heads and embeddings are opted in by path.
-LINEAR_KERNEL = re.compile(r".*/kernel$")
+# Linear kernels (`models.params.is_linear_kernel`) are pruned; output heads and embeddings
+# are opted in by path.
 DEFAULT_EXCLUDE = (r"(^|.*/)lm_head/kernel$",)
-
-
-def flat(tree: dict) -> dict:
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
-def unflat(tree: dict) -> dict:
-  return traverse_util.unflatten_dict(tree, sep="/")
 
 
 def tower_of(path: str) -> str:
@@ -120,7 +112,7 @@ def targets(params: Params, ratios: dict, pattern: str = "row",
   out = {}
   for path, leaf in flat(params).items():
     explicit = any(p.fullmatch(path) for p in include)
-    is_linear = LINEAR_KERNEL.fullmatch(path) and np.ndim(leaf) in (2, 3) and not any(
+    is_linear = is_linear_kernel(path, leaf) and not any(
         p.fullmatch(path) for p in exclude)
     if not (explicit or is_linear):
       continue
@@ -145,12 +137,7 @@ def apply_masks(params: Params, masks: Masks) -> Params:
 
 def check_masks_fit(params: Params, masks: Masks) -> None:
   """A clear error for a mask tree from another model."""
-  fp = flat(params)
-  for path, mask in flat(masks).items():
-    if path not in fp:
-      raise ValueError(f"mask for {path!r}, which is not a parameter of this model")
-    if tuple(np.shape(mask)) != tuple(np.shape(fp[path])):
-      raise ValueError(f"mask for {path!r} has shape {np.shape(mask)}, the parameter {np.shape(fp[path])}")
+  check_companion_fits(params, masks, "mask")
 
 
 def sparsity_report(params: Params, masks: Optional[Masks] = None) -> list[dict]:
@@ -161,7 +148,7 @@ def sparsity_report(params: Params, masks: Optional[Masks] = None) -> list[dict]
   linear kernels (output head included); `[all linear]` over the whole model's.
   """
   fp = flat(params)
-  linear = {p for p, v in fp.items() if LINEAR_KERNEL.fullmatch(p) and np.ndim(v) in (2, 3)}
+  linear = {p for p, v in fp.items() if is_linear_kernel(p, v)}
   masked = set(flat(masks)) if masks is not None else linear
   counts: dict[str, list[int]] = {}
   rows = []
@@ -182,7 +169,7 @@ def sparsity_report(params: Params, masks: Optional[Masks] = None) -> list[dict]
 
 
 def print_report(rows: list[dict], per_layer: bool = True) -> str:
-  from vlm_jax.eval.report import print_table
+  from vlm_jax.report import print_table
   shown = [r for r in rows if per_layer or r["name"].startswith("[")]
   return print_table(shown, "actual sparsity (exact zeros)", ["name", "zeros", "size", "sparsity"])
 

@@ -14,25 +14,22 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-from vlm_jax.data import schema
-from vlm_jax.models.build import build_model
-from vlm_jax.models.params import example_inputs
-from vlm_jax.parallel import mesh as mesh_lib
-from vlm_jax.parallel.distributed import global_batch
-from vlm_jax.train import optim as optim_lib
-from vlm_jax.train.checkpoint import Checkpointer, abstract_like, check_same_shapes, restore_params
-from vlm_jax.peft import lora as lora_lib
-from vlm_jax.sparsity import masks as masks_lib
-from vlm_jax.train.step import SparseTraining, TrainState, make_train_step
+from vlm_jax.data import pipeline, schema
+from vlm_jax.data.synthetic import SyntheticBatches
+from vlm_jax.report import print_rows
+from vlm_jax.parallel.distributed import any_process, global_batch
+from vlm_jax.train import init_from
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.extension import PLAIN, TrainExtension
+from vlm_jax.train.setup import step_setup
+from vlm_jax.train.step import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -41,133 +38,11 @@ class Preempted(Exception):
   """Raised inside the loop when SIGTERM arrived; the loop saves and returns."""
 
 
-# ----------------------------------------------------------------------------- shapes and shardings
-
-def param_shapes_and_shardings(model: nn.Module, mesh, rules):
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(model))["params"])
-  shardings = mesh_lib.logical_shardings(nn.get_partition_spec(boxed), mesh, rules)
-  return nn.meta.unbox(boxed), shardings
-
-
-def state_shardings(tx, abstract_params, param_shardings, labels, mesh):
-  trainable, _ = optim_lib.split(abstract_params, labels)
-  trainable_shardings, _ = optim_lib.split(param_shardings, labels)
-  abstract_opt = jax.eval_shape(tx.init, trainable)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_shardings,
-                                        transform_non_params=lambda _: mesh_lib.replicated(mesh))
-  rep = mesh_lib.replicated(mesh)
-  return TrainState(rep, param_shardings, opt_shardings, rep), abstract_opt
-
-
-class StepSetup(NamedTuple):
-  """The mesh, model, optimiser, shardings and jitted step of a config; nothing allocated yet."""
-  mesh: Any
-  rules: list
-  model: nn.Module
-  abstract_params: dict
-  param_shardings: dict
-  labels: dict
-  optim: Any  # config.optim with total_steps filled in
-  tx: optax.GradientTransformation
-  shardings: TrainState
-  abstract_opt: Any
-  batch_sharding: Any
-  step: Callable  # jitted (state, batch[, masks]) -> (state, metrics), state donated
-  sparse: Optional[SparseTraining] = None  # config.sparse: training a pruned model under its masks
-  mask_shardings: Any = None
-
-
-def sparse_training(config) -> Optional[SparseTraining]:
-  """`config.sparse` (masks: the prune job's workdir; lora_alpha 0 = masked full fine-tuning)."""
-  sparse = config.get("sparse")
-  if not sparse or not sparse.get("masks"):
-    return None
-  return SparseTraining(lora_alpha=float(sparse.get("lora_alpha", 0.0)) or None,
-                        kd_weight=float(sparse.get("kd_weight", 0.0)),
-                        kd_temperature=float(sparse.get("kd_temperature", 1.0)))
-
-
-def step_setup(config, devices: Optional[Sequence[jax.Device]] = None) -> StepSetup:
-  """Everything `train` builds before it touches data or weights (also what launch.simulate compiles)."""
-  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
-  rules = [tuple(r) for r in config.rules]
-  model = build_model(config.model)
-  abstract_params, param_shardings = param_shapes_and_shardings(model, mesh, rules)
-  sparse, mask_shardings = sparse_training(config), None
-  if sparse:
-    mask_shardings = masks_lib.mask_shardings(config.sparse.masks, param_shardings)
-    if sparse.lora_alpha:  # the state holds the dense frozen base and the adapters
-      adapters = lora_lib.abstract(abstract_params, [tuple(r) for r in config.sparse.lora_ranks])
-      abstract_params = {"base": abstract_params, "lora": adapters}
-      param_shardings = {"base": param_shardings,
-                         "lora": jax.tree.map(lambda _: mesh_lib.replicated(mesh), adapters)}
-  labels = optim_lib.path_labels(abstract_params, [tuple(g) for g in config.optim.groups])
-  optim = config.optim.copy_and_resolve_references()
-  with optim.unlocked():
-    optim.total_steps = config.total_steps
-  tx = optim_lib.make_optimizer(optim, labels)
-  shardings, abstract_opt = state_shardings(tx, abstract_params, param_shardings, labels, mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  step_fn = make_train_step(model, tx, labels, optim_lib.schedule(optim), config.get("z_loss", 0.0),
-                            config.get("grad_accum", 1), sparse)
-  in_shardings = (shardings, batch_sharding) + ((mask_shardings,) if sparse else ())
-  jitted = jax.jit(step_fn, in_shardings=in_shardings,
-                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
-  return StepSetup(mesh, rules, model, abstract_params, param_shardings, labels, optim, tx, shardings,
-                   abstract_opt, batch_sharding, jitted, sparse, mask_shardings)
-
-
-# ----------------------------------------------------------------------------- initial parameters
-
-def initial_params(init: str, model: nn.Module, abstract_params, param_shardings, seed: int):
-  """`scratch` | `hf:<folder>` | `checkpoint:<workdir>` -> params, placed with their shardings."""
-  kind, _, path = init.partition(":")
-  if kind == "scratch":
-    fn = lambda rng: nn.meta.unbox(model.init(rng, *example_inputs(model))["params"])
-    return jax.jit(fn, out_shardings=param_shardings)(jax.random.key(seed))
-  if kind == "checkpoint":
-    return restore_params(path, abstract_like(abstract_params, param_shardings))
-  if kind == "hf":
-    from vlm_jax.interop import from_hf
-    scanned = getattr(getattr(model.config, "text", model.config), "scan_layers", False)
-    _, params = from_hf(path, **({"scan_layers": True} if scanned else {}))  # from_hf stacks the layers
-    check_same_shapes(params, abstract_params, path)
-    return jax.device_put(params, param_shardings)
-  raise ValueError(f"config.init must be 'scratch', 'hf:<folder>' or 'checkpoint:<workdir>', got {init!r}")
-
-
-def load_parts(params: dict, parts: Mapping[str, str], abstract_params, param_shardings) -> dict:
-  """Replaces top-level subtrees of fresh `params` by the same subtrees of other runs:
-  `{"vision": "checkpoint:<workdir>"}` starts a VLM from a two-tower run's vision tower."""
-  for name, source in parts.items():
-    kind, _, path = source.partition(":")
-    if kind != "checkpoint" or not path:
-      raise ValueError(f"config.init_parts[{name!r}] must be 'checkpoint:<workdir>', got {source!r}")
-    if name not in params:
-      raise ValueError(f"config.init_parts names {name!r}, but this model's parameters are {sorted(params)}")
-    wanted = {name: abstract_like(abstract_params[name], param_shardings[name])}
-    params = {**params, **restore_params(path, wanted, partial=True)}
-    log.info("%s from %s", name, path)
-  return params
-
-
-def sparse_initial_params(config, setup: StepSetup, masks: dict) -> dict:
-  """A pruned model's start: `config.init` under its masks, or the dense base plus fresh adapters."""
-  if not setup.sparse.lora_alpha:
-    params = initial_params(config.init, setup.model, setup.abstract_params, setup.param_shardings, config.seed)
-    return masks_lib.apply_masks(params, masks)
-  base = initial_params(config.init, setup.model, setup.abstract_params["base"], setup.param_shardings["base"],
-                        config.seed)
-  adapters = lora_lib.init(base, [tuple(r) for r in config.sparse.lora_ranks], jax.random.key(config.seed))
-  return {"base": base, "lora": jax.device_put(adapters, setup.param_shardings["lora"])}
-
-
 # ----------------------------------------------------------------------------- data
 
 def make_data(config, model: nn.Module):
   data = config.data
   if data.get("source", "pipeline") == "synthetic":
-    from vlm_jax.data.synthetic import SyntheticBatches
     c = model.config
     vision = getattr(c, "vision", None)
     return SyntheticBatches(
@@ -178,7 +53,6 @@ def make_data(config, model: nn.Module):
         image_token_id=c.image_token_id if vision else -1,
         images_per_row=data.get("images_per_row", 1), repeat_first=data.get("repeat_first", False),
         process_index=jax.process_index(), process_count=jax.process_count())
-  from vlm_jax.data import pipeline
   return pipeline.from_config(data, model.config, seed=config.seed)
 
 
@@ -233,22 +107,17 @@ def check_finite(step: int, metrics: dict, ids: Sequence[str]) -> None:
                              f"The last checkpoint before it is intact.")
 
 
-def print_summary(rows: list[tuple[str, Any]]) -> str:
-  width = max(len(k) for k, _ in rows)
-  text = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-  print("\nrun summary\n" + text, flush=True)
-  return text
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict]] = (),
-          devices: Optional[Sequence[jax.Device]] = None) -> dict:
+          devices: Optional[Sequence[jax.Device]] = None, extension: TrainExtension = PLAIN) -> dict:
   """Runs (or resumes) `config` in `workdir`; returns the summary as a dict.
 
   hooks: called as `hook(step, state) -> metrics` every `config.eval_every`
     steps and at the end (evaluations); their metrics are logged.
   devices: the devices of the mesh (default: all).
+  extension: how a technique changes training (`vlm_jax.train.extension`); the
+    default trains the model as it is.
   """
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -256,39 +125,17 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
       f.write(config.to_json_best_effort(indent=2))
 
   # --- Mesh, model, optimiser, jitted step.
-  setup = step_setup(config, devices)
-  (mesh, rules, model, abstract_params, param_shardings, labels, optim, tx, shardings, abstract_opt,
-   batch_sharding, jitted, sparse, _) = setup
-  masks = None
-  if sparse:  # an explicit input of every step
-    base_abstract, base_shardings = ((abstract_params["base"], param_shardings["base"]) if sparse.lora_alpha
-                                     else (abstract_params, param_shardings))
-    masks = masks_lib.load_masks(config.sparse.masks, base_abstract, base_shardings)
-  step_inputs = () if masks is None else (masks,)
+  setup = step_setup(config, devices, extension)
+  mesh, rules, model, jitted, batch_sharding = setup.mesh, setup.rules, setup.model, setup.step, setup.batch_sharding
 
-  # --- Data and state: resume, or start.
+  # --- Data and state: resume, or start (train/init_from.py says from what).
   data = make_data(config, model)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.get("keep", 3),
                       asynchronous=config.checkpoint.get("asynchronous", True))
-  abstract_train = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
-                    "opt_state": abstract_like(abstract_opt, shardings.opt_state),
-                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shardings.rng)}
-  restored = ckpt.restore_latest(abstract_like(abstract_params, param_shardings), abstract_train)
-  if restored:
-    start, params, train_items, data_state = restored
+  start, state, data_state, inputs = init_from.start(config, setup, ckpt)
+  if data_state is not None:
     data.set_state(data_state)
-    state = TrainState(train_items["step"], params, train_items["opt_state"], train_items["rng"])
-    log.info("resumed from step %d", start)
-  else:
-    start = 0
-    params = sparse_initial_params(config, setup, masks) if sparse else \
-        initial_params(config.init, model, abstract_params, param_shardings, config.seed)
-    params = load_parts(params, dict(config.get("init_parts") or {}), abstract_params, param_shardings)
-    trainable, _ = optim_lib.split(params, labels)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
-    state = jax.device_put(state, shardings)
+  step_inputs = () if inputs is None else (inputs,)
 
   # --- Preemption: SIGTERM sets a flag; the loop saves and returns.
   preempted = {"flag": False}
@@ -321,7 +168,7 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
       for step in range(start, total):
         if debug.get("preempt_at_step", -1) == step:
           simulate_preemption(workdir, debug.get("preempt_signal", "SIGTERM"))
-        if _any_process(preempted["flag"]):
+        if any_process(preempted["flag"]):
           raise Preempted()
         t_step = time.perf_counter()
         batch = next(data)
@@ -369,7 +216,7 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
              "skipped records": data.skipped() or "none", "workdir": workdir}
   summary.update({k: v for k, v in last.items() if k.startswith("eval/")})
   if jax.process_index() == 0:
-    print_summary([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in summary.items()])
+    print_rows("\nrun summary", list(summary.items()))
   summary["state"] = state
   summary["model"] = model
   return summary
@@ -386,11 +233,3 @@ def simulate_preemption(workdir: str, signal_name: str) -> None:
 
 def _train_items(state: TrainState) -> dict:
   return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-
-
-def _any_process(flag: bool) -> bool:
-  """Whether any process saw SIGTERM (all must stop at the same step)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

@@ -1,11 +1,11 @@
 r"""Model soups on the shapes world (METHODS §3): ingredients fine-tuned on different instruction mixes.
 
-    python -m launch.main --config=configs/shapes_vila.py --workdir=workdirs/shapes_vila   # the base
-    python -m launch.main --config='configs/shapes_soups.py:base=workdirs/shapes_vila/stage2' \
+    python -m launch.main --config=configs/shapes/vila.py --workdir=workdirs/shapes_vila   # the base
+    python -m launch.main --config='configs/shapes/soups.py:base=workdirs/shapes_vila/stage2' \
         --workdir=workdirs/soup_demo
 
 From the checkpoint `base` (a run dir of the main job: stage1 or stage2; the model is the one of
-configs/shapes_vila.py, so it must be the current one), fine-tune one ingredient per mix in
+configs/shapes/vila.py, so it must be the current one), fine-tune one ingredient per mix in
 `ingredients` (same steps, lr, batch, seed: only the data differs), then evaluate the base,
 every ingredient, the uniform, maximum (top `top_p` by validation score) and greedy soups on a
 held-out mix of all of them: `eval.validation` questions per mix from the validation split to
@@ -17,7 +17,7 @@ tokenizer (default: the `tokenizer` folder next to the base run, as the main job
 quick. Keys: mixes (name -> task + qtypes), ingredients (which mixes, in order), general
 (weight of the all-mixes data added to each ingredient's: POINTS' D ∪ d_i; 0 = specialists),
 finetune.{steps, lr, global_batch_size, groups}, top_p, tie, eval.{validation, test, ...}.
-See vlm_jax/soups_demo.py.
+See vlm_jax/experiments/shapes/soups.py.
 """
 
 import ml_collections
@@ -26,7 +26,7 @@ from configs import common
 
 
 def _model():
-  from configs import shapes_vila
+  from configs.shapes import vila as shapes_vila
   return shapes_vila.get_config().model.copy_and_resolve_references()
 
 
@@ -38,7 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, quick=False, base="workdirs/shapes_vila/stage2", tokenizer="")
   q = args.quick
   c = ml_collections.ConfigDict()
-  c.job = "soup_demo"
+  c.job = "shapes_soups"
   c.seed = 0
   c.model = _model()
   c.base = "scratch" if q and args.base == "workdirs/shapes_vila/stage2" else args.base

@@ -1,6 +1,6 @@
 r"""Perplexity filtering on the shapes world (POINTS, METHODS §2): does it find the noise, does it help?
 
-    python -m launch.main --config=configs/shapes_ppl_filter.py --workdir=workdirs/ppl_demo
+    python -m launch.main --config=configs/shapes/ppl_filter.py --workdir=workdirs/ppl_demo
 
 1. a pool of `world.pool` captions, `world.corruption_rate` of them another scene's caption;
 2. a scorer trained from scratch for `stages.scorer.steps` on `world.clean` clean captions
@@ -12,7 +12,7 @@ r"""Perplexity filtering on the shapes world (POINTS, METHODS §2): does it find
    (`stages.sft`), then VQA exact match on `eval.num` held-out test questions.
 Prints one table and writes it to <workdir>/ppl_demo.json. Re-running the command skips the
 finished sub-steps. `:quick=True` is the scaled-down run the tests use. The model is the one
-of configs/shapes_vila.py. See vlm_jax/curation/shapes_demo.py.
+of configs/shapes/vila.py. See vlm_jax/experiments/shapes/ppl_filter.py.
 """
 
 import ml_collections
@@ -21,7 +21,7 @@ from configs import common
 
 
 def _model():
-  from configs import shapes_vila
+  from configs.shapes import vila as shapes_vila
   return shapes_vila.get_config().model.copy_and_resolve_references()
 
 
@@ -34,7 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, quick=False)
   q = args.quick
   c = ml_collections.ConfigDict()
-  c.job = "ppl_demo"
+  c.job = "shapes_ppl_filter"
   c.seed = 0
   c.model = _model()
   c.vocab_size = 512

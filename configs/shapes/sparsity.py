@@ -1,7 +1,7 @@
-r"""Prune and repair the main job's VLM on the shapes world (METHODS §4, RESSA): job `sparsity_demo`.
+r"""Prune and repair the main job's VLM on the shapes world (METHODS §4, RESSA): job `shapes_sparsity`.
 
-    python -m launch.main --config=configs/shapes_vila.py --workdir=workdirs/shapes_vila   # the dense VLM
-    python -m launch.main --config=configs/shapes_sparsity.py --workdir=workdirs/shapes_sparsity
+    python -m launch.main --config=configs/shapes/vila.py --workdir=workdirs/shapes_vila   # the dense VLM
+    python -m launch.main --config=configs/shapes/sparsity.py --workdir=workdirs/shapes_sparsity
 
 Settings: Wanda at 50% unstructured, 2:4 and 70% unstructured, each with equal vision/LM
 ratios and with the LM only (projector dense). Each is evaluated after pruning and after
@@ -12,13 +12,14 @@ then merged). Prints the table, writes sparsity_demo.json and accuracy_vs_sparsi
 
 import ml_collections
 
-from configs import common, shapes_vila
+from configs import common
+from configs.shapes import vila as shapes_vila
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, main_workdir="workdirs/shapes_vila", base="")
   c = ml_collections.ConfigDict()
-  c.job = "sparsity_demo"
+  c.job = "shapes_sparsity"
   c.main = shapes_vila.get_config("quick=True" if a.quick else "")
   with c.main.unlocked():
     c.main.eval.tasks = ["vqa", "region"]

@@ -1,4 +1,4 @@
-"""Prune and repair the main job's VLM on the shapes world (configs/shapes_sparsity.py).
+"""Prune and repair the main job's VLM on the shapes world (the `shapes_sparsity` job, configs/shapes/sparsity.py).
 
 For every (pattern, allocation) setting: Wanda-prune the dense VLM, evaluate,
 repair with SparseLoRA + distillation from the dense model, merge, evaluate
@@ -15,9 +15,9 @@ import ml_collections
 
 from configs.repair import repair_groups, sparse_block
 from vlm_jax.data.tokenizer import load_tokenizer
-from vlm_jax.eval import report
+from vlm_jax import report
 from vlm_jax.sparsity import jobs
-from vlm_jax.train import vila
+from vlm_jax.experiments.shapes import common
 
 
 def _accuracy(results: dict, tasks) -> dict:
@@ -28,7 +28,7 @@ def _train_config(config, init: str, datasets: dict, tok_dir: str, data_dir: str
                   groups) -> ml_collections.ConfigDict:
   stage = ml_collections.ConfigDict(dict(lr=lr, groups=groups, sources=config.sources,
                                          global_batch_size=config.batch))
-  c = vila.train_config(config.main, stage, steps, init, datasets, tok_dir, data_dir)
+  c = common.train_config(config.main, stage, steps, init, datasets, tok_dir, data_dir)
   with c.unlocked():
     c.calibration = ml_collections.ConfigDict(dict(rows=config.calibration_rows))
   return c
@@ -49,14 +49,14 @@ def run_setting(config, setting: dict, dense_init: str, datasets, tok_dir, data_
   pruned, masks = jobs.prune_params(c, model, params, jobs.calibration_batches(c, model))
   prune_dir = os.path.join(workdir, "prune")
   jobs.write_outputs(prune_dir, model, pruned, masks)
-  pruned_acc = _accuracy(vila.evaluate(config.main, model, jax.device_get(pruned), tokenizer), config.main.eval.tasks)
+  pruned_acc = _accuracy(common.evaluate(config.main, model, jax.device_get(pruned), tokenizer), config.main.eval.tasks)
 
   with c.unlocked():
     c.sparse = sparse_block(prune_dir, "sparse_lora", config.lora_alpha, config.rank_vision, config.rank_lm,
                             config.kd_weight, 1.0)
     c.job = "repair"
   summary = jobs.repair(c, os.path.join(workdir, "repair"))
-  repaired_acc = _accuracy(vila.evaluate(config.main, model, summary["merged"], tokenizer), config.main.eval.tasks)
+  repaired_acc = _accuracy(common.evaluate(config.main, model, summary["merged"], tokenizer), config.main.eval.tasks)
   actual = {r["name"]: r["sparsity"] for r in summary["sparsity"]}
   row = {"setting": setting["name"], "pattern": setting["pattern"], "allocation": setting["allocation"],
          **{f"pruned {t} acc": v for t, v in pruned_acc.items()},
@@ -90,13 +90,13 @@ def plot(rows: list[dict], dense: dict, tasks, path: str) -> None:
 
 def run(config, workdir: str) -> list[dict]:
   main = config.main
-  datasets, tok_dir = vila.prepare_data(main, config.main_workdir)
+  datasets, tok_dir = common.prepare_data(main, config.main_workdir)
   data_dir = main.data_dir or os.path.join(config.main_workdir, "data")
   tokenizer, _ = load_tokenizer(tok_dir)
   dense_init = config.base if config.base == "scratch" else f"checkpoint:{config.base}"
   c = _train_config(config, dense_init, datasets, tok_dir, data_dir, 1, 0.0, [(".*", 1.0)])
   model, params = jobs.load_model(c)
-  dense = _accuracy(vila.evaluate(main, model, jax.device_get(params), tokenizer), main.eval.tasks)
+  dense = _accuracy(common.evaluate(main, model, jax.device_get(params), tokenizer), main.eval.tasks)
   rows = [run_setting(config, s, dense_init, datasets, tok_dir, data_dir, tokenizer, os.path.join(workdir, s["name"]))
           for s in config.settings]
   table = [{"setting": "dense", **{f"pruned {t} acc": v for t, v in dense.items()}}] + rows

@@ -1,4 +1,4 @@
-"""Plain-text result tables and atomic JSON result files."""
+"""Output plumbing every job shares: plain-text tables, key-value summaries, atomic JSON result files."""
 
 from __future__ import annotations
 
@@ -91,6 +91,15 @@ def print_table(rows: list[dict], title: str, columns: Optional[Sequence[str]] =
   width = max([len(title)] + [len(b) for b in body])
   text = "\n".join([title, "=" * width] + body)
   print(text)
+  return text
+
+
+def print_rows(title: str, rows: Sequence[tuple[str, Any]]) -> str:
+  """Print `(key, value)` rows as an aligned two-column summary under `title` (floats to 4 places)."""
+  width = max(len(k) for k, _ in rows)
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  text = title + "\n" + "\n".join(f"  {k:<{width}}  {fmt(v)}" for k, v in rows)
+  print(text, flush=True)
   return text
 
 

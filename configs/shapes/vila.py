@@ -1,6 +1,6 @@
 r"""The main job: a tiny VLM through the VILA recipe on the shapes world, on CPU.
 
-    python -m launch.main --config=configs/shapes_vila.py --workdir=workdirs/shapes_vila
+    python -m launch.main --config=configs/shapes/vila.py --workdir=workdirs/shapes_vila
 
 Builds the shapes world (TFDS, in <workdir>/data) and its tokenizer. VILA starts from a
 pretrained vision tower and a pretrained LLM, so the job first pretrains both here:
@@ -35,7 +35,7 @@ def stage(lr, groups, sources, batch=16, **extra) -> ml_collections.ConfigDict:
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, quick=False, pretrain=True)
   c = ml_collections.ConfigDict()
-  c.job = "vila"
+  c.job = "shapes_vila"
   c.seed = 0
   c.checkpoint_every = 200
   c.model = models.preset("tiny")

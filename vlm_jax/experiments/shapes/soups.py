@@ -1,6 +1,6 @@
-r"""Model soups on the shapes world (METHODS §3; the `soup_demo` job).
+r"""Model soups on the shapes world (METHODS §3; the `shapes_soups` job).
 
-    python -m launch.main --config='configs/shapes_soups.py:base=workdirs/shapes_vila/stage2' \
+    python -m launch.main --config='configs/shapes/soups.py:base=workdirs/shapes_vila/stage2' \
         --workdir=workdirs/soup_demo
 
 From one checkpoint (`base`, a run of the main job), one ingredient is fine-tuned per
@@ -19,7 +19,7 @@ Selection (ranking, maximum, greedy) only ever sees the validation split; the te
 is the test split, used for nothing else. A model's score on a split is the mean over the
 mixes of its VQA exact match on `eval.<split>` records of that mix (each mix weighs the same).
 
-Reuses the main job's training (`vila.train_config` + the train loop), the soups of
+Reuses the main job's training (`common.train_config` + the train loop), the soups of
 `vlm_jax.soups` (streamed from the ingredients' Orbax checkpoints) and the VQA evaluator
 (`evaluate.EVALUATORS`, `Generator`). Workdir: data/, tokenizer/ (only with base=scratch),
 ingredients/<mix>, results.json (each finished sub-step's result: a re-run skips it),
@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from vlm_jax import soups
-from vlm_jax.eval import report
+from vlm_jax import report
 
 
 # --- Data and the starting point -----------------------------------------------------------
@@ -112,14 +112,14 @@ def ingredient_sources(config, name: str) -> list:
 def finetune(config, name: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """Fine-tunes one ingredient from the base (resumed, or skipped when finished); returns its final loss."""
   import ml_collections
-  from vlm_jax.train import vila
+  from vlm_jax.experiments.shapes import common
   from vlm_jax.train.loop import train
   start = time.time()
   f = config.finetune
   stage = ml_collections.ConfigDict(dict(lr=f.lr, groups=f.groups, sources=ingredient_sources(config, name),
                                          global_batch_size=f.global_batch_size))
-  train(vila.train_config(config, stage, f.steps, base_init(config), datasets, tok_dir, data_dir), workdir)
-  return {"loss": vila.final_loss(workdir), "wall (s)": round(time.time() - start, 1)}
+  train(common.train_config(config, stage, f.steps, base_init(config), datasets, tok_dir, data_dir), workdir)
+  return {"loss": common.final_loss(workdir), "wall (s)": round(time.time() - start, 1)}
 
 
 # --- Evaluation on the held-out mix -------------------------------------------------------
@@ -201,7 +201,7 @@ def run(config, workdir: str) -> dict:
   from vlm_jax.data.tokenizer import load_tokenizer
   from vlm_jax.models.build import build_model
   if jax.process_count() > 1:
-    raise ValueError("the soup_demo job runs in one process")
+    raise ValueError("the shapes_soups job runs in one process")
   if len(config.ingredients) < 2:
     raise ValueError(f"a soup needs at least two ingredients, got {list(config.ingredients)}")
   start = time.time()

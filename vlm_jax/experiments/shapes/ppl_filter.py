@@ -1,6 +1,6 @@
-r"""Perplexity filtering on the shapes world, end to end (METHODS §2; the `ppl_demo` job).
+r"""Perplexity filtering on the shapes world, end to end (METHODS §2; the `shapes_ppl_filter` job).
 
-    python -m launch.main --config=configs/shapes_ppl_filter.py --workdir=workdirs/ppl_demo
+    python -m launch.main --config=configs/shapes/ppl_filter.py --workdir=workdirs/ppl_demo
 
 A pool of captions, `world.corruption_rate` of them replaced by another scene's caption
 (flagged `"corrupted": true` in meta, which the model never sees), is scored by a model
@@ -15,9 +15,9 @@ its lowest-perplexity `keep_fraction`. Then the two questions of POINTS:
      else), each followed by the same short VQA fine-tuning, then VQA exact match on the
      held-out test split, overall and by question type.
 
-Every run is an ordinary train config (`vila.train_config`) run by the train loop; scoring
+Every run is an ordinary train config (`common.train_config`) run by the train loop; scoring
 and filtering are the `score` and `filter` jobs (`perplexity.score`, `perplexity.filter_data`,
-which writes the filtered TFDS set the pretraining reads); VQA is `vila.evaluate`.
+which writes the filtered TFDS set the pretraining reads); VQA is `common.evaluate`.
 
 Workdir (a finished sub-step is skipped on a re-run; a killed train run resumes):
   data/ tokenizer/          the shapes-world sets (clean, pool, vqa) and the filtered set
@@ -35,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from vlm_jax.eval import report
+from vlm_jax import report
 
 ARMS = ("unfiltered", "filtered")
 
@@ -78,18 +78,18 @@ def corruption_flags(name: str, data_dir: str) -> dict:
 
 def train_stage(config, stage: str, init: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """One run of `config.stages[stage]` in `workdir` (resumed, or skipped when finished); the loop's summary."""
-  from vlm_jax.train import vila
+  from vlm_jax.experiments.shapes import common
   from vlm_jax.train.loop import train
   s = config.stages[stage]
-  return train(vila.train_config(config, s, s.steps, init, datasets, tok_dir, data_dir), workdir)
+  return train(common.train_config(config, s, s.steps, init, datasets, tok_dir, data_dir), workdir)
 
 
 def train_scorer(config, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """The scoring model: from scratch on the clean captions only."""
-  from vlm_jax.train import vila
+  from vlm_jax.experiments.shapes import common
   start = time.time()
   train_stage(config, "scorer", "scratch", datasets, tok_dir, data_dir, workdir)
-  return {"loss": vila.final_loss(workdir), "wall (s)": round(time.time() - start, 1)}
+  return {"loss": common.final_loss(workdir), "wall (s)": round(time.time() - start, 1)}
 
 
 # --- Scoring and filtering ---------------------------------------------------------------
@@ -165,15 +165,15 @@ def removal_quality(scores, kept_ids, flags: dict) -> dict:
 def run_arm(config, arm: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """Pretrains from scratch on the arm's captions, fine-tunes on VQA, evaluates; returns its results."""
   from vlm_jax.data.tokenizer import load_tokenizer
-  from vlm_jax.train import vila
+  from vlm_jax.experiments.shapes import common
   start = time.time()
   arm_dir = os.path.join(workdir, arm)
   pre_dir, sft_dir = os.path.join(arm_dir, "pretrain"), os.path.join(arm_dir, "sft")
   train_stage(config, "pretrain", "scratch", datasets, tok_dir, data_dir, pre_dir)
   sft = train_stage(config, "sft", f"checkpoint:{pre_dir}", datasets, tok_dir, data_dir, sft_dir)
   tokenizer, _ = load_tokenizer(tok_dir)
-  results = vila.evaluate(config, sft["model"], jax.device_get(sft["state"].params), tokenizer)
-  return {"pretrain loss": vila.final_loss(pre_dir), "sft loss": vila.final_loss(sft_dir), **results,
+  results = common.evaluate(config, sft["model"], jax.device_get(sft["state"].params), tokenizer)
+  return {"pretrain loss": common.final_loss(pre_dir), "sft loss": common.final_loss(sft_dir), **results,
           "wall (s)": round(time.time() - start, 1)}
 
 
@@ -207,7 +207,7 @@ def run(config, workdir: str) -> dict:
   """The `ppl_demo` job: data, scorer, score + filter, both arms, the table; returns ppl_demo.json's content."""
   from vlm_jax.curation import perplexity
   if jax.process_count() > 1:
-    raise ValueError("the ppl_demo job runs in one process")
+    raise ValueError("the shapes_ppl_filter job runs in one process")
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   cache = os.path.join(workdir, "results.json")

@@ -1,0 +1,1 @@
+"""Configs of the shapes-world demonstrations (vlm_jax/experiments/shapes/)."""
