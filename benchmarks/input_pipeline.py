@@ -125,11 +125,11 @@ def make_builder(records, data_dir: str):
 
 def breakdown(source, tok, args):
   """Single-thread costs: image decode + preprocess, rendering + tokenisation."""
-  from vlm_jax.data import pipeline
+  from vlm_jax.data import rendering
   from vlm_jax.data.preprocess import decode_image, preprocess_image
 
-  enc = pipeline.TextEncoder(tok)
-  recs = [pipeline.parse_record(source[i]) for i in range(min(len(source), 100))]
+  enc = rendering.TextEncoder(tok)
+  recs = [rendering.parse_record(source[i]) for i in range(min(len(source), 100))]
   images = [im for r in recs for im in r.images][:60]
   t = time.perf_counter()
   decoded = [decode_image(im) for im in images]
@@ -141,7 +141,7 @@ def breakdown(source, tok, args):
   t = time.perf_counter()
   lengths = []
   for r in recs:
-    ids, _, _ = pipeline.render(r, enc, args.tokens_per_image, tok.convert_tokens_to_ids("<image>"))
+    ids, _, _ = rendering.render(r, enc, args.tokens_per_image, tok.convert_tokens_to_ids("<image>"))
     lengths.append(len(ids))
   t_render = (time.perf_counter() - t) / len(recs)
   t = time.perf_counter()
@@ -192,19 +192,19 @@ def main(argv=None):
 
 
 def _run(args, work):
-  from vlm_jax.data import pipeline
+  from vlm_jax.data import sources
   from vlm_jax.data import tokenizer as tokenizers_lib
 
   data_dir = args.data_dir or os.path.join(work, "tfds")
   t = time.perf_counter()
   if args.builder:
-    source = pipeline.Source(args.builder, split=args.split, data_dir=data_dir)
+    source = sources.Source(args.builder, split=args.split, data_dir=data_dir)
     what = f"TFDS builder {args.builder}:{args.split}"
   else:
     stored = args.stored_size or args.image_size
     records = shapes_records(args.records, stored)
     builder = make_builder(records, os.path.join(data_dir, f"px{stored}"))
-    source = pipeline.Source("shapes_world_bench", split="train", builder=builder)
+    source = sources.Source("shapes_world_bench", split="train", builder=builder)
     what = f"{args.records} shapes-world records ({', '.join(TASKS)}) stored at {stored} px, PNG"
   t_data = time.perf_counter() - t
   t = time.perf_counter()
@@ -217,7 +217,7 @@ def _run(args, work):
         f"{args.tokens_per_image} tokens/image, {args.resize_mode} + {args.normalization}, "
         f"{args.warmup} warm-up + {args.batches} timed batches; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs")
-  raw = pipeline.open_source(source, data_dir)
+  raw = sources.open_source(source, data_dir)
   bd = breakdown(raw, tok, args)
   print(f"single thread: read {bd['read_ms_per_record']:.2f} ms/record, decode "
         f"{bd['decode_ms_per_image']:.2f} ms/image ({bd['source_image_shape']}), preprocess to "

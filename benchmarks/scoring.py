@@ -21,7 +21,7 @@ Measured, in the same run:
   torch model        `LlavaForConditionalGeneration(input_ids, pixel_values, attention_mask)`
                      under `torch.inference_mode()`, then float32 log-softmax, gather and the
                      per-record sums over the loss mask
-  vlm_jax job        the whole `score` job (`vlm_jax.curation.perplexity.score`): reading and
+  vlm_jax job        the whole `score` job (`vlm_jax.curation.scoring.score`): reading and
                      decoding the records, tokenising, sharding, scoring, writing scores.jsonl
                      and the resume state after every batch; one run, compile included and
                      reported apart ("batches 2+": the run after its first batch, with the
@@ -43,6 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,6 +52,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+import vlm_jax
+from configs import models
+from vlm_jax import report
+from vlm_jax.curation import jobs, perplexity, scoring
+from vlm_jax.data import builders, pipeline, tokenizer as tokenizers_lib
+from vlm_jax.models import count_params
+from vlm_jax.models.build import build_model
+from vlm_jax.models.params import init_params
 
 
 def parse_args(argv=None):
@@ -87,23 +103,11 @@ def timed_pair(fn_a, fn_b, repeats: int):
 def main(argv=None) -> dict:
   args = parse_args(argv)
 
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-  import numpy as np
-  import torch
-  import transformers
+  import torch  # heavy, and only the PyTorch side needs it
+  import transformers  # heavy, and only the PyTorch side needs it
 
   transformers.utils.logging.disable_progress_bar()
-  import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  import vlm_jax
-  from configs import models, score_perplexity
-  from vlm_jax.curation import perplexity as ppl
-  from vlm_jax.data import builders, pipeline, tokenizer as tokenizers_lib
-  from vlm_jax.models import count_params
-  from vlm_jax.models.build import build_model
-  from vlm_jax.models.params import init_params
 
   tmp = tempfile.mkdtemp(prefix="bench_scoring_")
   preset = models.preset(args.model)
@@ -129,15 +133,13 @@ def main(argv=None) -> dict:
   print(f"set-up {time.perf_counter() - t0:.1f}s: {args.records} captions, {args.model} "
         f"({count_params(params) / 1e6:.2f}M parameters)", flush=True)
 
-  config = score_perplexity.get_config(
-      f"source={builder.name}/{builder.builder_config.name},data_dir={os.path.join(tmp, 'data')},"
-      f"tokenizer={tok_dir},batch={args.batch},seq_len={args.seq}")
+  config = jobs.default_config(
+      model=ml_collections.ConfigDict(preset.to_dict()), source=f"{builder.name}/{builder.builder_config.name}",
+      data_dir=os.path.join(tmp, "data"), tokenizer=tok_dir, batch=args.batch, seq_len=args.seq,
+      prompt=perplexity.DEFAULT_PROMPT if args.prompt is None else args.prompt)
   with config.unlocked():
-    config.model = ml_collections.ConfigDict(preset.to_dict())
     config.progress = False
-    if args.prompt is not None:
-      config.prompt = args.prompt
-  data = ppl.scoring_data_config(config)
+  data = scoring.scoring_data_config(config)
   batches = list(pipeline.Pipeline.from_config(data, model=c, seed=config.seed))
   if sum(int(bool(i)) for b in batches for i in b["id"]) != args.records:
     sys.exit("some records were skipped by the pipeline (too long?): raise --seq")
@@ -145,7 +147,7 @@ def main(argv=None) -> dict:
   target_tokens = int(sum(b["loss_mask"].sum() for b in batches))
 
   # --- the two scorers over the same batches
-  score_fn = jax.jit(ppl.make_score_fn(model))
+  score_fn = jax.jit(perplexity.make_score_fn(model))
   jax_batches = [{k: jnp.asarray(b[k]) for k in ("input_ids", "loss_mask", "attention_mask", "positions",
                                                  "segment_ids", "images")} for b in batches]
   torch_batches = [dict(input_ids=torch.from_numpy(b["input_ids"].astype(np.int64)),
@@ -176,10 +178,10 @@ def main(argv=None) -> dict:
 
   # --- the whole job (pipeline + scoring + writing), once
   workdir = os.path.join(tmp, "job")
-  summary = ppl.score(config, workdir, params=params)
+  summary = scoring.score(config, workdir, params=params)
   job_s = summary["wall (s)"]
   job_first = summary["first batch incl. compile (s)"]
-  job_ppl = {s["id"]: s["ppl"] for s in ppl.read_scores(os.path.join(workdir, "scores.jsonl"))}
+  job_ppl = {s["id"]: s["ppl"] for s in perplexity.read_scores(os.path.join(workdir, scoring.SCORES_FILE))}
   ids = [str(i) for b in batches for i in b["id"] if i]
   job_rel = float(np.max(np.abs(np.asarray([job_ppl[i] for i in ids]) - j_ppl) / j_ppl))
 
@@ -197,7 +199,6 @@ def main(argv=None) -> dict:
     f = (len(batches) - 1) / len(batches)
     rows.append(dict(side="vlm_jax job, batches 2+", s=rest, samples_s=(n - args.batch) / rest,
                      tok_s=real_tokens * f / rest, target_tok_s=target_tokens * f / rest, first_call_s=None))
-  from vlm_jax import report
   title = (f"perplexity scoring, {args.model} ({count_params(params) / 1e6:.2f}M), {n} records, batch "
            f"{args.batch} x {args.seq}, float32, {jax.devices()[0].platform} / torch {torch.__version__} "
            f"({torch.get_num_threads()} threads)")
@@ -215,7 +216,6 @@ def main(argv=None) -> dict:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
-  import shutil
   shutil.rmtree(tmp, ignore_errors=True)
   return result
 

@@ -39,7 +39,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+import jax
+import ml_dtypes
 import numpy as np
+
+from vlm_jax import report, soups
+from vlm_jax.models import DecoderLM, LMConfig, count_params
+from vlm_jax.models.params import abstract_params
+from vlm_jax.train.checkpoint import Checkpointer
 
 
 def parse_args(argv=None):
@@ -60,10 +67,6 @@ def parse_args(argv=None):
 
 def model_tree(args):
   """Random parameters with the shapes of a DecoderLM (host NumPy arrays)."""
-  import jax
-  import ml_dtypes
-  from vlm_jax.models import DecoderLM, LMConfig
-  from vlm_jax.models.params import abstract_params
   config = LMConfig(vocab_size=args.vocab, embed_dim=args.width, num_layers=args.layers,
                     num_heads=args.width // 64, num_kv_heads=args.width // 64, head_dim=64,
                     mlp_dim=args.mlp, tie_embeddings=True)
@@ -90,11 +93,6 @@ def main(argv=None):
   logging.basicConfig(level=logging.WARNING)
   for noisy in ("absl", "orbax", "vlm_jax.soups"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
-  import jax
-  from vlm_jax import soups
-  from vlm_jax import report
-  from vlm_jax.models import count_params
-  from vlm_jax.train.checkpoint import Checkpointer
 
   make, abstract = model_tree(args)
   n = count_params(abstract)

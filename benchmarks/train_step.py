@@ -6,7 +6,7 @@
 
 For each VLM preset of configs/models.py (`tiny`, `small`), in one process:
 
-- JAX: the step the train loop runs (`vlm_jax.train.loop.step_setup`: forward,
+- JAX: the step the train loop runs (`vlm_jax.train.setup.step_setup`: forward,
   next-token loss, backward, global-norm clipping at 1.0, AdamW, state donated)
   on one CPU device, compiled ahead of time, on a synthetic batch of `--batch`
   rows x `--seq` tokens with one image per row (its image tokens count in `--seq`).
@@ -71,7 +71,8 @@ from vlm_jax.data import schema
 from vlm_jax.data.synthetic import SyntheticBatches
 from vlm_jax.models.params import count_params
 from vlm_jax.train import optim as optim_lib
-from vlm_jax.train.loop import initial_params, step_setup
+from vlm_jax.train.init_from import initial_params
+from vlm_jax.train.setup import step_setup
 from vlm_jax.train.step import TrainState
 
 

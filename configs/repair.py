@@ -16,21 +16,7 @@ import ml_collections
 from configs import common
 from vlm_jax.train.config import default_config
 from configs.prune import data_block, model_block
-
-
-def sparse_block(masks: str, mode: str = "sparse_lora", alpha: float = 16.0, rank_vision: int = 4,
-                 rank_lm: int = 8, kd: float = 0.1, temperature: float = 1.0) -> ml_collections.ConfigDict:
-  if mode not in ("sparse_lora", "masked"):
-    raise ValueError(f"repair mode must be 'sparse_lora' or 'masked', got {mode!r}")
-  lora = mode == "sparse_lora"
-  return ml_collections.ConfigDict(dict(
-      masks=masks, lora_alpha=alpha if lora else 0.0,
-      lora_ranks=[("vision/.*", rank_vision), ("(projector|lm)/.*", rank_lm), (".*", rank_lm)],
-      kd_weight=kd if lora else 0.0, kd_temperature=temperature))
-
-
-def repair_groups(mode: str) -> list:
-  return [("lora/.*", 1.0), (".*", None)] if mode == "sparse_lora" else [(".*", 1.0)]
+from vlm_jax.sparsity.repair import repair_groups, sparse_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -45,7 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_every = max(a.steps // 4, 1)
   c.optim.lr = a.lr
   c.optim.groups = repair_groups(a.mode)
-  c.sparse = sparse_block(a.masks, a.mode, a.alpha, a.rank_vision, a.rank_lm, a.kd, a.temperature)
+  c.sparse = sparse_config(a.masks, a.mode, a.alpha, a.rank_vision, a.rank_lm, a.kd, a.temperature)
   c.data = data_block(a.source, a.data_dir, a.tokenizer, batch=a.batch)
   c.export_hf = a.export_hf
   return c

@@ -2,7 +2,8 @@ r"""Perplexity scoring and filtering of a data set (METHODS §2, POINTS): jobs `
 
 Score every record of one data set with a VLM (PPL over the caption / answer tokens, their
 end token included, conditioned on the image and a fixed prompt), then keep the lowest-PPL
-fraction as a new TFDS data set. See vlm_jax/curation/perplexity.py.
+fraction as a new TFDS data set. See vlm_jax/curation/ (perplexity.py: the
+formula; scoring.py: the loop; jobs.py: these jobs and their config, `jobs.default_config`).
 
 1. A data set and a model. Here: 2000 shapes-world captions, 20% of them corrupted (the
    caption of another scene), scored by the VLM of `configs/shapes/vila.py` after training:
@@ -51,59 +52,27 @@ output_dir, tails, bins}.
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
 from configs import common, models
+from configs.shapes import vila as shapes_vila
+from vlm_jax.curation import jobs
 from vlm_jax.curation.perplexity import DEFAULT_PROMPT
-from vlm_jax.data import pipeline
-from vlm_jax.parallel.mesh import DEFAULT_RULES
 
 
 def _model(name: str):
+  """A preset, the shapes-world VLM, or None ("hf": the init folder says)."""
   if name == "hf":
     return None  # read from the init folder
   if name == "shapes_vila":
-    from configs.shapes import vila as shapes_vila
     return shapes_vila.get_config().model.copy_and_resolve_references()
   return models.preset(name)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, model="tiny", init="scratch", source="shapes_world/caption", split="train",
-                          data_dir="", tokenizer="", batch=32, seq_len=256, prompt=DEFAULT_PROMPT,
-                          keep_fraction=0.2, threshold="")
-  c = ml_collections.ConfigDict()
-  c.job = "score"  # | "filter" (same config and workdir, after `score`)
-  c.seed = 0
-  c.model = _model(args.model)
-  c.init = args.init
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.rules = [tuple(r) for r in DEFAULT_RULES]
-  c.batch_size = args.batch
-  c.prompt = args.prompt
-  c.logprob_dtype = "float32"
-  c.max_batches = 0
-  c.progress = True
-
-  c.data = pipeline.default_config()
-  c.data.sources = [dict(name=args.source, split=args.split, weight=1.0)]
-  c.data.data_dir = args.data_dir or None
-  c.data.tokenizer = args.tokenizer
-  c.data.global_batch_size = c.get_ref("batch_size")
-  c.data.seq_len = args.seq_len
-  c.data.image_slots = 1
-  c.data.packing = False   # required: one record per row
-  c.data.truncate = False  # an over-long record is skipped (counted), never scored on a cut caption
-  c.data.shuffle = False
-  c.data.num_epochs = 1
-  c.data.chat_template.caption_prompt = c.get_ref("prompt")
-
-  c.filter = ml_collections.ConfigDict(dict(
-      keep_fraction=args.keep_fraction,  # POINTS: 0.2
-      threshold=float(args.threshold) if args.threshold else placeholder(float),  # wins when set
-      scores="",      # default <workdir>/scores.jsonl
-      output_dir="",  # TFDS data_dir of the filtered set; default <workdir>/data
-      tails=5,        # records shown from each end
-      bins=20))       # histogram bins
-  c.lock()
-  return c
+  a = common.parse_arg(arg, model="tiny", init="scratch", source="shapes_world/caption", split="train",
+                       data_dir="", tokenizer="", batch=32, seq_len=256, prompt=DEFAULT_PROMPT,
+                       keep_fraction=0.2, threshold="")
+  return jobs.default_config(model=_model(a.model), init=a.init, source=a.source, split=a.split,
+                             data_dir=a.data_dir, tokenizer=a.tokenizer, batch=a.batch, seq_len=a.seq_len,
+                             prompt=a.prompt, keep_fraction=a.keep_fraction,
+                             threshold=float(a.threshold) if a.threshold else None)

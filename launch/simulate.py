@@ -98,7 +98,7 @@ def compile_step(config):
   import jax.numpy as jnp
 
   from vlm_jax.train.checkpoint import abstract_like
-  from vlm_jax.train.loop import step_setup
+  from vlm_jax.train.setup import step_setup
   from vlm_jax.train.step import TrainState
 
   t0 = time.perf_counter()

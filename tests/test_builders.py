@@ -237,7 +237,7 @@ def test_build_data_command_prepares_a_source_the_pipeline_reads(tmp_path, capsy
   import json as json_lib
   from PIL import Image as PILImage
   from launch import build_data
-  from vlm_jax.data import pipeline
+  from vlm_jax.data import sources
   PILImage.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
   with open(tmp_path / "train.jsonl", "w") as f:
     f.write(json_lib.dumps({"image": "a.png", "caption": "a red square."}) + "\n")
@@ -246,5 +246,5 @@ def test_build_data_command_prepares_a_source_the_pipeline_reads(tmp_path, capsy
                           f"--data_dir={tmp_path / 'tfds'}"])
   out = capsys.readouterr().out
   assert name in out and "{'train': 1}" in out and "missing_image" in out
-  source = pipeline.open_source(pipeline.Source(name=name, split="train"), data_dir=str(tmp_path / "tfds"))
+  source = sources.open_source(sources.Source(name=name, split="train"), data_dir=str(tmp_path / "tfds"))
   assert len(source) == 1

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from configs import score_perplexity
+from vlm_jax.curation import jobs, scoring
 from vlm_jax.curation import perplexity as ppl
-from vlm_jax.data import builders, pipeline
+from vlm_jax.data import builders, pipeline, rendering, sources
 from vlm_jax.data import tokenizer as tokenizers_lib
 from vlm_jax.models.build import build_model
 from vlm_jax.models.params import init_params
@@ -61,13 +62,13 @@ def model_params(world):
 def straight(world, model_params, tmp_path_factory):
   """An uninterrupted scoring run on one device: the reference of the other tests."""
   workdir = str(tmp_path_factory.mktemp("straight"))
-  summary = ppl.score(config(world), workdir, params=model_params[1], devices=jax.devices()[:1])
+  summary = scoring.score(config(world), workdir, params=model_params[1], devices=jax.devices()[:1])
   return workdir, summary, {s["id"]: s for s in ppl.read_scores(os.path.join(workdir, "scores.jsonl"))}
 
 
 def one_record_batches(world, model):
   """The pipeline's batches of one row each (the scoring data config, batch size 1)."""
-  data = ppl.scoring_data_config(config(world))
+  data = scoring.scoring_data_config(config(world))
   data["global_batch_size"] = 1
   return list(pipeline.Pipeline.from_config(data, model=model.config))
 
@@ -114,7 +115,7 @@ def test_uniform_next_token_distribution_gives_ppl_equal_to_vocab_size(world, mo
   model, params = model_params
   params = jax.tree.map(np.array, params)
   params["lm"]["lm_head"]["kernel"][:] = 0.0
-  ppl.score(config(world), str(tmp_path), params=params, devices=jax.devices()[:1])
+  scoring.score(config(world), str(tmp_path), params=params, devices=jax.devices()[:1])
   scores = ppl.read_scores(os.path.join(tmp_path, "scores.jsonl"))
   assert len(scores) == N_RECORDS
   for s in scores:
@@ -156,13 +157,13 @@ def test_resume_after_a_kill_writes_each_id_once_with_the_same_ppl(world, model_
       raise Killed()
 
   with pytest.raises(Killed):
-    ppl.score(config(world), workdir, params=model_params[1], hook=kill_after_two, devices=jax.devices()[:1])
+    scoring.score(config(world), workdir, params=model_params[1], hook=kill_after_two, devices=jax.devices()[:1])
   with open(os.path.join(workdir, "scores.0.jsonl")) as f:
     assert len(f.readlines()) == 8
   # A kill between writing a batch's lines and saving its progress: lines past the progress.
   with open(os.path.join(workdir, "scores.0.jsonl"), "a") as f:
     f.write(json.dumps({"id": "caps/r08", "ppl": 1.0, "nll": 0.0, "tokens": 3}) + '\n{"id": "caps/r0')
-  summary = ppl.score(config(world), workdir, params=model_params[1], devices=jax.devices()[:1])
+  summary = scoring.score(config(world), workdir, params=model_params[1], devices=jax.devices()[:1])
   assert summary["scored in this run"] == 2
   resumed = ppl.read_scores(os.path.join(workdir, "scores.jsonl"))
   assert [s["id"] for s in resumed] == world["ids"]
@@ -170,13 +171,13 @@ def test_resume_after_a_kill_writes_each_id_once_with_the_same_ppl(world, model_
   np.testing.assert_allclose([s["ppl"] for s in resumed], [reference[s["id"]]["ppl"] for s in resumed],
                              rtol=1e-6)
   # A finished run re-run scores nothing and keeps the file.
-  again = ppl.score(config(world), workdir, params=model_params[1], devices=jax.devices()[:1])
+  again = scoring.score(config(world), workdir, params=model_params[1], devices=jax.devices()[:1])
   assert again["scored in this run"] == 0 and again["records"] == N_RECORDS
 
 
 def test_sharded_over_eight_devices_matches_one_device(world, model_params, straight, tmp_path):
   c = config(world, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  ppl.score(c, str(tmp_path), params=model_params[1])
+  scoring.score(c, str(tmp_path), params=model_params[1])
   sharded = ppl.read_scores(os.path.join(tmp_path, "scores.jsonl"))
   assert [s["id"] for s in sharded] == world["ids"]
   np.testing.assert_allclose([s["ppl"] for s in sharded], [straight[2][s["id"]]["ppl"] for s in sharded],
@@ -185,12 +186,12 @@ def test_sharded_over_eight_devices_matches_one_device(world, model_params, stra
 
 def test_packing_and_several_sources_are_refused(world, tmp_path):
   with pytest.raises(ValueError, match="packing"):
-    ppl.score(config(world, **{"data.packing": True}), str(tmp_path))
+    scoring.score(config(world, **{"data.packing": True}), str(tmp_path))
   two = config(world)
   with two.unlocked():
     two.data.sources = [dict(name=world["name"], split="train"), dict(name="other", split="train")]
   with pytest.raises(ValueError, match="one data set"):
-    ppl.score(two, str(tmp_path))
+    scoring.score(two, str(tmp_path))
 
 
 def test_filter_scores_keeps_the_expected_ids(tmp_path):
@@ -217,7 +218,7 @@ def test_filter_job_writes_a_data_set_the_pipeline_reads(world, straight, tmp_pa
   workdir = str(tmp_path)
   shutil.copy(os.path.join(straight[0], "scores.jsonl"), workdir)
   c = config(world, **{"job": "filter", "filter.keep_fraction": 0.4, "filter.tails": 2})
-  summary = ppl.filter_data(c, workdir)
+  summary = jobs.filter_data(c, workdir)
   printed = capsys.readouterr().out
   scores = straight[2]
   want = sorted(scores, key=lambda i: (scores[i]["ppl"], i))[:4]
@@ -229,18 +230,18 @@ def test_filter_job_writes_a_data_set_the_pipeline_reads(world, straight, tmp_pa
   with open(os.path.join(workdir, "filter.json")) as f:
     assert json.load(f)["kept"] == 4
 
-  filtered = pipeline.open_source(pipeline.Source(name=summary["dataset"], split="train",
-                                                  data_dir=summary["data_dir"]))
-  source = pipeline.open_source(pipeline.Source(name=world["name"], split="train", data_dir=world["data_dir"]))
-  by_id = {pipeline.parse_record(source[i]).id: pipeline.parse_record(source[i]) for i in range(len(source))}
-  got = [pipeline.parse_record(filtered[i]) for i in range(len(filtered))]
+  filtered = sources.open_source(sources.Source(name=summary["dataset"], split="train",
+                                                data_dir=summary["data_dir"]))
+  source = sources.open_source(sources.Source(name=world["name"], split="train", data_dir=world["data_dir"]))
+  by_id = {rendering.parse_record(source[i]).id: rendering.parse_record(source[i]) for i in range(len(source))}
+  got = [rendering.parse_record(filtered[i]) for i in range(len(filtered))]
   assert [r.id for r in got] == [i for i in world["ids"] if i in set(want)]  # the kept ones, source order
   for r in got:
     src = by_id[r.id]
     assert (r.kind, r.turns, r.meta) == (src.kind, src.turns, src.meta)
     assert [bytes(x) for x in r.images] == [bytes(x) for x in src.images]
   # ... and through the whole pipeline, by name.
-  data = ppl.scoring_data_config(c)
+  data = scoring.scoring_data_config(c)
   data.update(sources=[dict(name=summary["dataset"], split="train")], data_dir=summary["data_dir"])
   batches = list(pipeline.Pipeline.from_config(data, tokens_per_image=16, image_size=32))
   assert [i for b in batches for i in b["id"] if i] == [r.id for r in got]

@@ -12,7 +12,7 @@ import pytest
 from configs import shapes_ppl_filter, shapes_soups
 from vlm_jax import soups
 from vlm_jax.curation import shapes_demo
-from vlm_jax.data import pipeline, shapes_world
+from vlm_jax.data import rendering, shapes_world, sources
 from vlm_jax import soups_demo
 from vlm_jax.models.build import build_model
 
@@ -53,9 +53,9 @@ def test_ppl_demo_precision_and_recall_are_a_hand_count_on_the_scores(ppl_run):
   pairs = [(ppl[c] > ppl[n]) + 0.5 * (ppl[c] == ppl[n]) for c in corrupted for n in set(ppl) - corrupted]
   assert q["auroc"] == pytest.approx(np.mean(pairs))
   # The filtered arm pretrained on exactly the kept records; the other on the whole pool.
-  src = pipeline.open_source(pipeline.Source(name=result["filter"]["dataset"], split="train",
-                                             data_dir=os.path.join(workdir, "data")))
-  assert {pipeline.parse_record(src[i]).id for i in range(len(src))} == kept
+  src = sources.open_source(sources.Source(name=result["filter"]["dataset"], split="train",
+                                           data_dir=os.path.join(workdir, "data")))
+  assert {rendering.parse_record(src[i]).id for i in range(len(src))} == kept
   pre = {arm: json.load(open(os.path.join(workdir, arm, "pretrain", "config.json"))) for arm in shapes_demo.ARMS}
   assert pre["filtered"]["data"]["sources"][0]["name"] == result["filter"]["dataset"]
   assert pre["unfiltered"]["data"]["sources"][0]["name"] == result["datasets"]["pool"]

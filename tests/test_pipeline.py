@@ -14,7 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vlm_jax.data import pipeline, schema
+from vlm_jax.data import pipeline, rendering, schema
+from vlm_jax.data import sources as sources_lib
 from vlm_jax.data import tokenizer as tokenizers_lib
 from vlm_jax.data.preprocess import CLIP_MEAN, CLIP_STD, decode_image, preprocess_image
 
@@ -106,7 +107,7 @@ def make(builder, tok, **kw):
   args = dict(global_batch_size=4, seq_len=40, tokens_per_image=TPI, image_slots=2, image_size=SIZE,
               process_index=0, process_count=1, num_threads=2, prefetch=16, seed=0)
   args.update(kw)
-  sources = args.pop("sources", None) or [pipeline.Source(builder=builder)]
+  sources = args.pop("sources", None) or [sources_lib.Source(builder=builder)]
   return pipeline.Pipeline(sources, tok, **args)
 
 
@@ -168,11 +169,11 @@ def image_runs(ids):
 
 
 def test_render_caption(tok):
-  ids, mask, n = pipeline.render(caption(7, "a red circle"), tok, TPI, IMAGE_ID)
+  ids, mask, n = rendering.render(caption(7, "a red circle"), tok, TPI, IMAGE_ID)
   check(ids, mask, [([1], 0), ([IMAGE_ID] * TPI, 0), (enc(tok, "a red circle"), 1), ([2], 1)])
   assert n == 1 and image_runs(ids) == [TPI]
   # With a fixed prompt between the image and the caption (not a target).
-  ids, mask, _ = pipeline.render(caption(7, "a red circle"), tok, TPI, IMAGE_ID,
+  ids, mask, _ = rendering.render(caption(7, "a red circle"), tok, TPI, IMAGE_ID,
                                  {"caption_prompt": "Describe:"})
   check(ids, mask, [([1], 0), ([IMAGE_ID] * TPI, 0), (enc(tok, "Describe:"), 0),
                     (enc(tok, "a red circle"), 1), ([2], 1)])
@@ -184,7 +185,7 @@ def test_render_conversation_two_turns(tok):
                    {"role": "assistant", "content": "red"},
                    {"role": "user", "content": "how many?"},
                    {"role": "assistant", "content": "two"}]}
-  ids, mask, n = pipeline.render(rec, tok, TPI, IMAGE_ID)
+  ids, mask, n = rendering.render(rec, tok, TPI, IMAGE_ID)
   check(ids, mask, [([1], 0), (enc(tok, "USER: "), 0), ([IMAGE_ID] * TPI, 0),
                     (enc(tok, "\nwhat colour?"), 0), (enc(tok, "\nASSISTANT:"), 0),
                     (enc(tok, " red"), 1), ([2], 1), (enc(tok, "\n"), 0), (enc(tok, "USER: "), 0),
@@ -196,19 +197,19 @@ def test_render_conversation_two_turns(tok):
 
 
 def test_render_interleaved(tok):
-  ids, mask, n = pipeline.render(doc(3), tok, TPI, IMAGE_ID)
+  ids, mask, n = rendering.render(doc(3), tok, TPI, IMAGE_ID)
   check(ids, mask, [([1], 0), (enc(tok, "first "), 1), ([IMAGE_ID] * TPI, 0), (enc(tok, " then "), 1),
                     ([IMAGE_ID] * TPI, 0), (enc(tok, " end 3"), 1), ([2], 1)])
   assert n == 2 and image_runs(ids) == [TPI, TPI]
 
 
 def test_render_text_kinds(tok):
-  ids, mask, n = pipeline.render(text(5), tok, TPI, IMAGE_ID)
+  ids, mask, n = rendering.render(text(5), tok, TPI, IMAGE_ID)
   check(ids, mask, [([1], 0), (enc(tok, "a square has four corners 5."), 1), ([2], 1)])
   assert n == 0
   qa = {"id": "q", "kind": "text", "images": [],
         "turns": [{"role": "user", "content": "what is 2 plus 2?"}, {"role": "assistant", "content": "4"}]}
-  ids, mask, _ = pipeline.render(qa, tok, TPI, IMAGE_ID, {"system": "Be brief.\n"})
+  ids, mask, _ = rendering.render(qa, tok, TPI, IMAGE_ID, {"system": "Be brief.\n"})
   check(ids, mask, [([1], 0), (enc(tok, "Be brief.\n"), 0), (enc(tok, "USER: "), 0),
                     (enc(tok, "what is 2 plus 2?"), 0), (enc(tok, "\nASSISTANT:"), 0),
                     (enc(tok, " 4"), 1), ([2], 1)])
@@ -221,8 +222,8 @@ def test_render_tfds_record_equals_plain(tok, mixed):
   for i in range(4):
     stored = source[i]
     plain = by_id[stored["id"].decode()]
-    got = pipeline.render(stored, tok, TPI, IMAGE_ID)
-    want = pipeline.render(plain, tok, TPI, IMAGE_ID)
+    got = rendering.render(stored, tok, TPI, IMAGE_ID)
+    want = rendering.render(plain, tok, TPI, IMAGE_ID)
     for a, b in zip(got, want):
       np.testing.assert_array_equal(a, b)
     assert len(stored["images"]) == got[2]
@@ -257,7 +258,7 @@ def test_padded_batches(tok, mixed):
   for batch in take(it, 3):
     check_batch_invariants(batch, 4, 40, 2)
     for r in range(4):
-      ids, mask, _ = pipeline.render(by_id[batch["id"][r]], tok, TPI, IMAGE_ID)
+      ids, mask, _ = rendering.render(by_id[batch["id"][r]], tok, TPI, IMAGE_ID)
       n = len(ids)
       np.testing.assert_array_equal(batch["input_ids"][r, :n], ids)
       np.testing.assert_array_equal(batch["loss_mask"][r, :n], mask)
@@ -279,7 +280,7 @@ def test_packed_batches(tok, mixed):
       packed_rows += len(ids_in_row) > 1
       start, slot = 0, 0
       for seg, rid in enumerate(ids_in_row, start=1):
-        ids, mask, n_img = pipeline.render(by_id[rid], tok, TPI, IMAGE_ID)
+        ids, mask, n_img = rendering.render(by_id[rid], tok, TPI, IMAGE_ID)
         n = len(ids)
         np.testing.assert_array_equal(batch["input_ids"][r, start:start + n], ids)
         np.testing.assert_array_equal(batch["loss_mask"][r, start:start + n], mask)
@@ -356,9 +357,9 @@ def test_mixture_weights(tok, tmp_path):
   pairs = build(tmp_path, [caption(i) for i in range(30)], "pairs")
   docs = build(tmp_path, [doc(i) for i in range(20)], "docs")
   texts = build(tmp_path, [text(i) for i in range(10)], "texts")
-  sources = [pipeline.Source("pairs", builder=pairs, weight=1.0),
-             pipeline.Source("interleaved", builder=docs, weight=1.0),
-             pipeline.Source("text", builder=texts, weight=0.5)]
+  sources = [sources_lib.Source("pairs", builder=pairs, weight=1.0),
+             sources_lib.Source("interleaved", builder=docs, weight=1.0),
+             sources_lib.Source("text", builder=texts, weight=0.5)]
   ids = row_ids(take(iter(make(None, tok, sources=sources, global_batch_size=10)), 40))
   counts = collections.Counter(i[:3] for i in ids)
   total = sum(counts.values())
@@ -448,7 +449,7 @@ def test_skip_malformed(tok, tmp_path):
 def test_truncate_never_cuts_an_image_run(tok, tmp_path):
   long_doc = {"id": "long", "kind": "interleaved", "images": [png(1), png(2)],
               "turns": [{"role": "text", "content": "ab <image> cd <image> " + "word " * 40}]}
-  full, _, _ = pipeline.render(long_doc, tok, TPI, IMAGE_ID)
+  full, _, _ = rendering.render(long_doc, tok, TPI, IMAGE_ID)
   second = int(np.flatnonzero(full == IMAGE_ID)[TPI])  # where image 2's run starts
   seq_len = second + 2                                 # a cut inside image 2's run
   it = iter(make(build(tmp_path, [long_doc]), tok, num_epochs=1, truncate=True, seq_len=seq_len,

@@ -279,7 +279,7 @@ def lm_params(n):
 
 
 def test_orbax_round_trip(tmp_path):
-  from vlm_jax.train.loop import initial_params
+  from vlm_jax.train.init_from import initial_params
   model = tiny_lm()
   ps = lm_params(4)
   a = save_run(tmp_path / "a", {10: ps[3], 20: ps[0]})  # latest step: 20
@@ -350,7 +350,7 @@ def test_soup_job_greedy(tmp_path, capsys):
 
   config = soup_config.get_config(f"kind=maximum,top_p=0.5,scores=0.5;0.9;0.9;0.7,ingredients={';'.join(runs)},"
                                   f"output={tmp_path / 'max'}")
-  soups.run(config, str(tmp_path / "job_max"))
+  soups.jobs.soup(config, str(tmp_path / "job_max"))
   result = json.load(open(tmp_path / "job_max" / "soup.json"))
   assert result["accepted"] == [False, True, True, False]
   np.testing.assert_array_equal(soups.load(str(tmp_path / "max"))["w"], [3.0])

@@ -13,6 +13,8 @@ from vlm_jax.models.build import build_model
 from vlm_jax.models.params import init_params
 from vlm_jax.peft import lora as lora_lib
 from vlm_jax.sparsity import masks as masks_lib
+from vlm_jax.sparsity import repair as repair_lib
+from vlm_jax.sparsity.repair import repair_groups, sparse_config
 from vlm_jax.train import step as step_lib
 
 
@@ -64,17 +66,16 @@ def test_kd_loss_matches_a_hand_computation():
   p, q = softmax(t[:, :-1] / T), softmax(s[:, :-1] / T)
   kl = (p * (np.log(p) - np.log(q))).sum(-1)
   want = (kl * batch["loss_mask"][:, 1:]).sum()
-  got = step_lib.kd_sum(jnp.asarray(s), jnp.asarray(t), batch, T)
+  got = repair_lib.kd_sum(jnp.asarray(s), jnp.asarray(t), batch, T)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
 def test_distillation_needs_sparselora():
   with pytest.raises(ValueError, match="dense teacher"):
-    step_lib.SparseTraining(lora_alpha=None, kd_weight=0.1)
+    repair_lib.SparseTraining(lora_alpha=None, kd_weight=0.1)
 
 
 def _train_config(workdir, masks_dir, mode, steps=6):
-    from configs.repair import repair_groups, sparse_block
   c = default_config()
   c.model = _lm_config()
   c.total_steps = steps
@@ -82,7 +83,7 @@ def _train_config(workdir, masks_dir, mode, steps=6):
   c.progress = False
   c.optim.lr = 1e-2
   c.optim.groups = repair_groups(mode)
-  c.sparse = sparse_block(masks_dir, mode, kd=0.5 if mode == "sparse_lora" else 0.0)
+  c.sparse = sparse_config(masks_dir, mode, kd=0.5 if mode == "sparse_lora" else 0.0)
   c.data = {"source": "synthetic", "global_batch_size": 8, "seq_len": 16}
   c.checkpoint.asynchronous = False
   return c
@@ -96,8 +97,8 @@ def test_repair_keeps_pruned_weights_zero_and_exports_to_hf(tmp_path, mode):
   masks_dir = str(tmp_path / "prune")
   jobs.write_outputs(masks_dir, model, pruned, masks)
   # The dense model the masks came from, as a run to start from.
-  from vlm_jax.soups import save
-  save(jax.device_get(dense), None, str(tmp_path / "dense"), format="orbax")
+  from vlm_jax.train.checkpoint import save_params
+  save_params(str(tmp_path / "dense"), jax.device_get(dense))
   config = ml_collections.ConfigDict(_train_config(str(tmp_path / "run"), masks_dir, mode))
   with config.unlocked():
     config.init = f"checkpoint:{tmp_path / 'dense'}"

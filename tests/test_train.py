@@ -14,7 +14,8 @@ from configs import tiny_train
 from vlm_jax.data.synthetic import SyntheticBatches
 from vlm_jax.train import optim as optim_lib
 from vlm_jax.train.checkpoint import restore_params
-from vlm_jax.train.loop import param_shapes_and_shardings, train
+from vlm_jax.train.loop import train
+from vlm_jax.train.setup import param_shapes_and_shardings
 from vlm_jax.parallel import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,7 +218,7 @@ def test_init_from_a_hugging_face_folder(tmp_path):
   """`init: hf:<folder>` loads the weights (stacked when the config scans layers) or names the mismatch."""
   import vlm_jax
   from vlm_jax.models import build_model, init_params
-  from vlm_jax.train.loop import initial_params
+  from vlm_jax.train.init_from import initial_params
   c = config()
   model = build_model(c.model)
   params = init_params(model, jax.random.key(3))

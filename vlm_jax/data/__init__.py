@@ -1,1 +1,2 @@
-"""Data: the record schema, the shapes world, TFDS builders, tokenizers and the input pipeline."""
+"""Data: the record schema, the shapes world, TFDS builders, tokenizers, record rendering,
+sources and the input pipeline."""

@@ -85,7 +85,7 @@ from vlm_jax.data import shapes_world
 def _hide_gpus_from_tf():
   """TF only reads data here: keep it off the accelerators (JAX owns them)."""
   try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # heavy, and only this tweak needs it (TFDS loads TF lazily)
     tf.config.set_visible_devices([], "GPU")
   except (ImportError, RuntimeError, ValueError):  # already initialised, or no TF: nothing to do
     pass
@@ -99,7 +99,7 @@ SKIP_REASONS = ("missing_image", "bad_image", "empty_caption", "empty_text", "im
                 "bad_record")
 SKIPPED_FILE = "skipped.json"
 _LOGGED_PER_REASON = 5
-_VERSION = tfds.core.Version("1.0.0")
+VERSION = tfds.core.Version("1.0.0")
 
 
 class _Skip(Exception):
@@ -133,10 +133,10 @@ def _load_image(path: str) -> bytes:
     raise _Skip("bad_image", f"{path}: {e}") from None
 
 
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared parts: the schema, array_record, source order, skip accounting."""
+class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """The base of every builder in the record schema: array_record, source order, skip accounting."""
 
-  VERSION = _VERSION
+  VERSION = VERSION
   # TFDS works this out through importlib_resources, which is not installed here; no
   # checksums.tsv sits beside this file, so no download URLs are registered.
   code_path = epath.Path(__file__)
@@ -207,12 +207,12 @@ def shapes_world_config(task: str, sizes: Optional[Mapping[str, int]] = None, im
   options = _canonical_options(task, options)
   spec = {"task": task, "sizes": sizes, "image_size": image_size, "seed": seed, "options": options}
   digest = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=5).hexdigest()
-  return ShapesWorldConfig(name=name or f"{task}_{image_size}px_s{seed}_{digest}", version=_VERSION,
+  return ShapesWorldConfig(name=name or f"{task}_{image_size}px_s{seed}_{digest}", version=VERSION,
                            description="shapes world " + json.dumps(spec, sort_keys=True), task=task,
                            sizes=sizes, image_size=image_size, seed=seed, options=options)
 
 
-class ShapesWorld(_Builder):
+class ShapesWorld(Builder):
   """The procedural shapes world (vlm_jax.data.shapes_world) as a TFDS data set."""
 
   BUILDER_CONFIGS = [shapes_world_config(t, name=t) for t in shapes_world.TASKS]
@@ -246,7 +246,7 @@ class FilesConfig(tfds.core.BuilderConfig):
   image_root: Optional[str] = None
 
 
-class _FilesBuilder(_Builder, skip_registration=True):
+class _FilesBuilder(Builder, skip_registration=True):
   """A builder over local files (config: FilesConfig)."""
 
   def _split_generators(self, dl_manager):
@@ -472,7 +472,7 @@ def files_config(kind: str, path: Union[str, Mapping[str, str]], image_root: Opt
       for chunk in iter(lambda: f.read(1 << 20), b""):
         digest.update(chunk)
   stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(next(iter(paths.values()))).lower()).strip("_")
-  return FilesConfig(name=f"{stem}_{digest.hexdigest()}", version=_VERSION,
+  return FilesConfig(name=f"{stem}_{digest.hexdigest()}", version=VERSION,
                      description=f"{kind} from {json.dumps(paths)}", paths=paths,
                      image_root=image_root and os.path.abspath(image_root))
 

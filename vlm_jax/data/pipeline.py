@@ -9,37 +9,23 @@
     it = pipe.iterator(state)        # ... continues with exactly the next batch
     it.skipped()                     # {"too_long": 3, "undecodable_image": 1, ...}
 
-Stages (each source is a TFDS data set read by random access:
-`builder.as_data_source(split)`, array_record files):
+Stages (each source a random-access sequence of records: vlm_jax.data.sources):
 
   1. indices    per source: range(len) -> this host's shard [process_index::process_count]
                 -> global shuffle (grain index shuffle, seeded by (seed, source name),
                 reshuffled every epoch) -> repeat(num_epochs; None = forever)
   2. mixture    grain `MapDataset.mix` of the sources with the given weights (exact
                 proportions: weights 1:1 alternate, 3:1 take three then one, ...)
-  3. process    in grain's reader threads: read the record, render() it, check it,
-                decode and preprocess its images. A bad record becomes a "skip" marker
-                with a reason, counted by the iterator and never batched.
+  3. process    in grain's reader threads: read the record, render it (chat template and
+                targets: vlm_jax.data.rendering), check it, decode and preprocess its
+                images. A bad record becomes a "skip" marker with a reason, counted by
+                the iterator and never batched.
   4. batch      in the iterator: rows of seq_len tokens, padded (one record per row) or
                 packed (records in stream order while tokens and image slots fit).
 
 Every element of stages 1-3 is a pure function of its position in the stream, so the
 iterator's state is one integer (the position of the next record not yet in a batch)
 plus the skip counts: restoring it reproduces the following batches bit for bit.
-
-Rendering (`render`; see schema.py for the record kinds):
-  - BOS first (when the tokenizer has one); then, by role:
-  - user       `template.user` with {content} replaced ("USER: {content}\\nASSISTANT:");
-               not a target. Every "<image>" in it becomes `tokens_per_image` image tokens.
-  - assistant  `template.assistant` with {content} (" {content}"), then EOS: all targets.
-               A user turn that follows an assistant turn is preceded by `template.separator`.
-  - text       the content, every token a target except image tokens; EOS (a target)
-               closes a record that ends with a text turn (interleaved documents, corpora).
-  - caption    kind "caption" uses no chat template: BOS, the user content (normally just
-               "<image>"), `template.caption_prompt` (optional fixed prompt, not a target),
-               then the caption and EOS as targets.
-  - `template.system` (optional) follows BOS in non-caption records, not a target.
-  EOS is the tokenizer's eos id (never the text "</s>"); image tokens are never targets.
 
 Bad records: skipped and counted by reason (`iterator.skipped()`), never trained on:
   undecodable_image     an image PIL cannot decode
@@ -57,8 +43,8 @@ Bad records: skipped and counted by reason (`iterator.skipped()`), never trained
   processing_error      any other exception while processing a record (logged)
 
 Config (`default_config()`; the `data` block of an experiment config; `from_config`):
-  sources            list of {name, split, weight[, data_dir]}: TFDS builder names (the
-                     project's builders are registered by importing vlm_jax.data.builders)
+  sources            list of {name, split, weight[, data_dir]} (vlm_jax.data.sources.Source):
+                     TFDS builder names (the project's builders are registered when opened)
   data_dir           TFDS data directory (default: TFDS's own)
   tokenizer          folder of a Hugging Face tokenizer (used when none is passed in)
   global_batch_size  rows per step over all hosts; each host yields global / process_count
@@ -72,7 +58,7 @@ Config (`default_config()`; the `data` block of an experiment config; `from_conf
   seed               shuffling seed
   shuffle            global shuffle (False: records in source order)
   num_epochs         None: repeat forever; N: stop after N passes (last batch padded)
-  chat_template      {user, assistant, separator, system, caption_prompt}
+  chat_template      {user, assistant, separator, system, caption_prompt} (see rendering.py)
   tokens_per_image   image tokens per image (None: from the model config or argument);
                      0 for a contrastive model: images are inputs beside the text, whose
                      "<image>" placeholders become nothing (a caption row is BOS caption EOS)
@@ -96,12 +82,19 @@ import functools
 import json
 import logging
 import zlib
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
+import grain
+import jax
+import ml_collections
+from ml_collections.config_dict import placeholder
 import numpy as np
 
-from vlm_jax.data import schema
+from vlm_jax.data import rendering, schema
+from vlm_jax.data import sources as sources_lib
 from vlm_jax.data.preprocess import MODES, NORMALIZATIONS, BadRecord, decode_image, preprocess_image
+from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.models.build import config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -110,322 +103,6 @@ SKIP_REASONS = ("undecodable_image", "missing_image", "image_count_mismatch", "e
                 "too_long", "too_many_images", "malformed_record", "unreadable_record",
                 "processing_error")
 _MAX_SKIP_WARNINGS = 5  # per reason
-
-
-# --- Chat template and text encoding -----------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatTemplate:
-  """How conversation turns become text (see the module docstring)."""
-  user: str = "USER: {content}\nASSISTANT:"
-  assistant: str = " {content}"
-  separator: str = "\n"
-  system: str = ""
-  caption_prompt: str = ""
-
-  def __post_init__(self):
-    for name in ("user", "assistant"):
-      if getattr(self, name).count("{content}") != 1:
-        raise ValueError(f"chat template `{name}` must hold '{{content}}' exactly once, "
-                         f"got {getattr(self, name)!r}")
-
-  @classmethod
-  def make(cls, template: Union[None, "ChatTemplate", Mapping[str, str]]) -> "ChatTemplate":
-    if template is None:
-      return cls()
-    if isinstance(template, cls):
-      return template
-    fields = template.to_dict() if hasattr(template, "to_dict") else dict(template)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown chat template key(s) {unknown}; known: {sorted(known)}")
-    return cls(**fields)
-
-
-class TextEncoder:
-  """Encodes text pieces with no special tokens added; safe to call from several threads.
-
-  Wraps a Hugging Face tokenizer: a fast one is used through its `tokenizers`
-  backend (a copy without truncation or padding if the original has any).
-  """
-
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
-    self.bos_id = tokenizer.bos_token_id
-    self.eos_id = tokenizer.eos_token_id
-    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if self.eos_id is None:
-      raise ValueError("the tokenizer has no EOS token; the pipeline needs one to end targets")
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and (backend.truncation is not None or backend.padding is not None):
-      from tokenizers import Tokenizer
-      backend = Tokenizer.from_str(backend.to_str())
-      backend.no_truncation()
-      backend.no_padding()
-    self._backend = backend
-
-  def encode(self, texts: Sequence[str]) -> list[list[int]]:
-    if self._backend is not None:
-      return [self._backend.encode(t, add_special_tokens=False).ids if t else [] for t in texts]
-    return [self.tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
-
-
-# --- Records ----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Record:
-  """A schema record with text decoded: turns as (role, content) pairs, images still encoded."""
-  id: str
-  kind: str
-  images: list
-  turns: list[tuple[str, str]]
-  meta: str = ""
-
-
-def _text(x) -> str:
-  if isinstance(x, bytes):
-    return x.decode("utf-8")
-  if isinstance(x, np.ndarray) and x.ndim == 0:
-    return _text(x.item())
-  return "" if x is None else str(x)
-
-
-def parse_record(record: Union[Record, Mapping[str, Any]]) -> Record:
-  """A record as TFDS decodes it (bytes, turns as a dict of lists) or as plain Python
-  (str, turns as a list of {role, content}) -> Record."""
-  if isinstance(record, Record):
-    return record
-  turns = record.get("turns", [])
-  if isinstance(turns, Mapping):
-    roles, contents = list(turns.get("role", [])), list(turns.get("content", []))
-    if len(roles) != len(contents):
-      raise BadRecord("malformed_record", f"{len(roles)} roles but {len(contents)} contents")
-    pairs = [(_text(r), _text(c)) for r, c in zip(roles, contents)]
-  else:
-    pairs = [(_text(t["role"]), _text(t["content"])) for t in turns]
-  images = record.get("images", [])
-  images = [] if images is None else list(images)
-  return Record(id=_text(record.get("id", "")), kind=_text(record.get("kind", "")), images=images,
-                turns=pairs, meta=_text(record.get("meta", "")))
-
-
-# --- Rendering --------------------------------------------------------------
-
-_BOS, _EOS, _IMG, _TXT = range(4)
-
-
-def _with_images(segments: list, text: str, target: bool) -> int:
-  """Appends `text` split at "<image>" placeholders; returns the number of placeholders."""
-  parts = text.split(schema.IMAGE_PLACEHOLDER)
-  for j, part in enumerate(parts):
-    if j:
-      segments.append((_IMG, None, False))
-    if part:
-      segments.append((_TXT, part, target))
-  return len(parts) - 1
-
-
-def _segments(rec: Record, template: ChatTemplate) -> tuple[list, int]:
-  """Record -> [(kind, text, is_target)], number of image placeholders."""
-  if rec.kind not in schema.KINDS:
-    raise BadRecord("malformed_record", f"unknown kind {rec.kind!r}")
-  if not rec.turns:
-    raise BadRecord("malformed_record", "no turns")
-  for role, content in rec.turns:
-    if role not in schema.ROLES:
-      raise BadRecord("malformed_record", f"unknown role {role!r}")
-    if role == "assistant" and schema.IMAGE_PLACEHOLDER in content:
-      raise BadRecord("malformed_record", "<image> in an assistant turn")
-    if role == "assistant" and not content.strip():
-      raise BadRecord("empty_target", "empty assistant turn" if rec.kind != "caption" else "empty caption")
-    if role == "text" and not content.replace(schema.IMAGE_PLACEHOLDER, "").strip():
-      raise BadRecord("empty_target", "text turn without text")
-
-  segs: list = [(_BOS, None, False)]
-  n = 0
-  if rec.kind == "caption":
-    answers = [c for r, c in rec.turns if r == "assistant"]
-    if len(answers) != 1 or any(r == "text" for r, _ in rec.turns):
-      raise BadRecord("malformed_record", "a caption record needs user turn(s) and one assistant turn")
-    for role, content in rec.turns:
-      if role == "user":
-        n += _with_images(segs, content, False)
-      else:
-        if template.caption_prompt:
-          segs.append((_TXT, template.caption_prompt, False))
-        segs.append((_TXT, content, True))
-        segs.append((_EOS, None, True))
-    return segs, n
-
-  if template.system:
-    segs.append((_TXT, template.system, False))
-  u_before, u_after = template.user.split("{content}")
-  a_before, a_after = template.assistant.split("{content}")
-  previous = None
-  for role, content in rec.turns:
-    if role == "user":
-      if previous == "assistant" and template.separator:
-        segs.append((_TXT, template.separator, False))
-      if u_before:
-        segs.append((_TXT, u_before, False))
-      n += _with_images(segs, content, False)
-      if u_after:
-        segs.append((_TXT, u_after, False))
-    elif role == "assistant":
-      segs.append((_TXT, a_before + content + a_after, True))
-      segs.append((_EOS, None, True))
-    else:  # text
-      n += _with_images(segs, content, True)
-    previous = role
-  if previous == "text":
-    segs.append((_EOS, None, True))
-  return segs, n
-
-
-def render(record, tokenizer, tokens_per_image: int, image_token_id: int,
-           chat_template: Union[None, ChatTemplate, Mapping[str, str]] = None
-           ) -> tuple[np.ndarray, np.ndarray, int]:
-  """One record -> (input_ids int32 [n], loss_mask float32 [n], num_images).
-
-  `tokenizer`: a Hugging Face tokenizer (or a TextEncoder). Placeholders are
-  expanded to `tokens_per_image` copies of `image_token_id`; loss_mask is 1
-  exactly on target tokens (see the module docstring). Raises BadRecord when
-  the record is malformed, has an empty target, or its placeholders do not match
-  its images.
-  """
-  rec = parse_record(record)
-  enc = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(tokenizer)
-  segs, n_placeholders = _segments(rec, ChatTemplate.make(chat_template))
-  if rec.kind == "caption" and not rec.images:
-    raise BadRecord("missing_image", "caption record without an image")
-  if n_placeholders != len(rec.images):
-    raise BadRecord("image_count_mismatch",
-                    f"{n_placeholders} <image> placeholder(s) but {len(rec.images)} image(s)")
-  encoded = iter(enc.encode([text for kind, text, _ in segs if kind == _TXT]))
-  ids: list[int] = []
-  mask: list[float] = []
-  for kind, _, target in segs:
-    if kind == _TXT:
-      piece = next(encoded)
-    elif kind == _IMG:
-      ids.extend([image_token_id] * tokens_per_image)
-      mask.extend([0.0] * tokens_per_image)
-      continue
-    elif kind == _BOS:
-      if enc.bos_id is None:
-        continue
-      piece = [enc.bos_id]
-    else:
-      piece = [enc.eos_id]
-    ids.extend(piece)
-    mask.extend([1.0 if target else 0.0] * len(piece))
-  if not any(mask):
-    raise BadRecord("empty_target", "no target tokens")
-  return np.asarray(ids, np.int32), np.asarray(mask, np.float32), n_placeholders
-
-
-def truncate_tokens(ids: np.ndarray, mask: np.ndarray, seq_len: int, image_token_id: int,
-                    tokens_per_image: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """Cuts a rendered record to at most seq_len tokens, never inside an image's token run.
-
-  Returns (ids, mask, images kept). Raises BadRecord("too_long") if no target survives.
-  """
-  cut = seq_len
-  starts = np.flatnonzero(ids == image_token_id)[::tokens_per_image]  # image k starts here
-  inside = starts[(starts < cut) & (starts + tokens_per_image > cut)]
-  if inside.size:
-    cut = int(inside[0])
-  ids, mask = ids[:cut], mask[:cut]
-  if not mask.any():
-    raise BadRecord("too_long", f"no target token in the first {seq_len} tokens")
-  return ids, mask, int(np.sum(starts + tokens_per_image <= cut))
-
-
-# --- Sources ----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """One data set of the mixture.
-
-  name: a TFDS builder name (`tfds.builder(name, data_dir=...)`), or a label when
-  `builder` or `data_source` is given (`builder` may also be given as a name). builder: a TFDS builder object, already
-  prepared (array_record). data_source: any random-access sequence of records
-  (`len` and `[i]`), e.g. `builder.as_data_source()[split]`.
-  """
-  name: str = ""
-  split: str = "train"
-  weight: float = 1.0
-  data_dir: Optional[str] = None
-  builder: Any = None
-  data_source: Any = None
-
-  def __post_init__(self):
-    if isinstance(self.builder, str):  # config files may say builder: NAME
-      if self.name and self.name != self.builder:
-        raise ValueError(f"source gives both name {self.name!r} and builder {self.builder!r}")
-      object.__setattr__(self, "name", self.builder)
-      object.__setattr__(self, "builder", None)
-    if not self.name and self.builder is None and self.data_source is None:
-      raise ValueError("a source needs a name (TFDS builder), a builder or a data_source")
-
-  @property
-  def label(self) -> str:
-    name = self.name or (getattr(self.builder, "name", "") if self.builder is not None else "") or "source"
-    return f"{name}:{self.split}"
-
-
-def _raw_images_decoder():
-  """A TFDS decoder leaving images encoded: the pipeline decodes them itself, so that a
-  corrupt image skips its record instead of failing the read."""
-  import tensorflow_datasets as tfds
-
-  class RawImages(tfds.decode.Decoder):
-    def decode_example(self, serialized):
-      return serialized
-
-    def decode_example_np(self, serialized):
-      return serialized
-
-    def decode_batch_example(self, serialized):
-      return serialized
-
-    def decode_batch_example_np(self, serialized):
-      return list(serialized)
-
-  return RawImages()
-
-
-def open_source(source: Source, data_dir: Optional[str] = None):
-  """Source -> a random-access sequence of records."""
-  if source.data_source is not None:
-    return source.data_source
-  builder = source.builder
-  if builder is None:
-    import tensorflow_datasets as tfds
-    try:  # registers the project's builders with TFDS, if they are there
-      import vlm_jax.data.builders  # noqa: F401  pylint: disable=unused-import
-    except ImportError:
-      pass
-    builder = tfds.builder(source.name, data_dir=source.data_dir or data_dir)
-    if hasattr(builder, "is_prepared") and not builder.is_prepared():
-      raise FileNotFoundError(f"TFDS data set {source.name} is not prepared in {builder.data_dir}: "
-                              f"build it first (builder.download_and_prepare() or `tfds build`)")
-  formats = getattr(builder.info, "file_format", None)
-  if formats is not None and "array_record" not in str(formats).lower():
-    raise ValueError(f"{source.label}: prepared as {formats}; the pipeline reads by random access: "
-                     f"prepare it with file_format='array_record'")
-  try:
-    return builder.as_data_source(split=source.split, decoders={"images": _raw_images_decoder()})
-  except (KeyError, ValueError, TypeError):  # no `images` feature: decode as the builder does
-    return builder.as_data_source(split=source.split)
-
-
-def _source_seed(seed: int, label: str) -> int:
-  return int(np.random.SeedSequence([seed, zlib.crc32(label.encode())]).generate_state(1)[0])
 
 
 # --- Elements of the processed stream ------------------------------------------
@@ -454,10 +131,7 @@ class _Skip:
 
 def default_config():
   """The `data` block with every key (see the module docstring)."""
-  import ml_collections
-  from ml_collections.config_dict import placeholder
-
-  t = ChatTemplate()
+  t = rendering.ChatTemplate()
   return ml_collections.ConfigDict(dict(
       sources=[dict(name="shapes_world", split="train", weight=1.0)],
       data_dir=placeholder(str),
@@ -486,7 +160,6 @@ def vision_settings(model) -> dict[str, Any]:
   {image_size, tokens_per_image, image_token_id, normalization} for the pipeline
   ({} for a model without a vision tower; no image tokens for a contrastive model)."""
   if isinstance(model, Mapping) or hasattr(model, "to_dict"):
-    from vlm_jax.models.build import config_from_dict  # lazily: data does not need the models
     _, model = config_from_dict(model)
   if hasattr(model, "text") and hasattr(model, "projection_dim"):  # a two-tower contrastive model:
     # image–caption pairs, each image a separate input, no image tokens in the text
@@ -506,19 +179,16 @@ class Pipeline:
   `pipe.batch_size` = global_batch_size / process_count rows.
   """
 
-  def __init__(self, sources: Sequence[Union[Source, Mapping[str, Any]]], tokenizer, *,
+  def __init__(self, sources: Sequence[Union[sources_lib.Source, Mapping[str, Any]]], tokenizer, *,
                global_batch_size: int, seq_len: int, tokens_per_image: int,
                image_token_id: Optional[int] = None, image_slots: int = 1, image_size: int = 224,
                normalization: str = "clip", resize_mode: str = "resize", packing: bool = False,
                truncate: bool = False, seed: int = 0, shuffle: bool = True,
                num_epochs: Optional[int] = None,
-               chat_template: Union[None, ChatTemplate, Mapping[str, str]] = None,
+               chat_template: Union[None, rendering.ChatTemplate, Mapping[str, str]] = None,
                num_threads: int = 4, prefetch: int = 64, data_dir: Optional[str] = None,
                process_index: Optional[int] = None, process_count: Optional[int] = None):
-    import grain
-
     if process_index is None or process_count is None:
-      import jax
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -541,7 +211,8 @@ class Pipeline:
     if num_epochs is not None and num_epochs <= 0:
       raise ValueError(f"num_epochs must be None (forever) or positive, got {num_epochs}")
 
-    self.sources = [s if isinstance(s, Source) else Source(**dict(s)) for s in sources]
+    self.sources = [s if isinstance(s, sources_lib.Source) else sources_lib.Source(**dict(s))
+                    for s in sources]
     if not self.sources:
       raise ValueError("no data sources")
     labels = [s.label for s in self.sources]
@@ -552,7 +223,7 @@ class Pipeline:
       raise ValueError(f"source weights must be positive, got {dict(zip(labels, weights))}")
 
     self.tokenizer = tokenizer
-    self.encoder = TextEncoder(tokenizer)
+    self.encoder = rendering.TextEncoder(tokenizer)
     if image_token_id is None:
       image_token_id = tokenizer.get_vocab().get(schema.IMAGE_PLACEHOLDER)
       if image_token_id is None:
@@ -570,13 +241,13 @@ class Pipeline:
     self.seed = int(seed)
     self.shuffle = bool(shuffle)
     self.num_epochs = num_epochs
-    self.chat_template = ChatTemplate.make(chat_template)
+    self.chat_template = rendering.ChatTemplate.make(chat_template)
     self.process_index, self.process_count = int(process_index), int(process_count)
     self.global_batch_size = int(global_batch_size)
     self.batch_size = self.global_batch_size // self.process_count
     self.read_options = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
 
-    self.data_sources = [open_source(s, data_dir) for s in self.sources]
+    self.data_sources = [sources_lib.open_source(s, data_dir) for s in self.sources]
     parts = []
     for k, (src, ds) in enumerate(zip(self.sources, self.data_sources)):
       idx = grain.MapDataset.range(len(ds))[self.process_index::self.process_count]
@@ -623,7 +294,6 @@ class Pipeline:
     if tokenizer is None:
       if not cfg["tokenizer"]:
         raise ValueError("no tokenizer passed and data.tokenizer (a tokenizer folder) is empty")
-      from vlm_jax.data.tokenizer import load_tokenizer
       tokenizer, image_id = load_tokenizer(cfg["tokenizer"])
       if cfg.get("image_token_id") is None and cfg["image_slots"]:
         cfg["image_token_id"] = image_id
@@ -636,8 +306,7 @@ class Pipeline:
     cfg.pop("tokenizer")
     cfg["image_size"] = cfg["image_size"] or 224
     cfg["normalization"] = cfg["normalization"] or "clip"
-    sources = [Source(**dict(s)) if not isinstance(s, Source) else s for s in cfg.pop("sources")]
-    return cls(sources, tokenizer, process_index=process_index, process_count=process_count, **cfg)
+    return cls(cfg.pop("sources"), tokenizer, process_index=process_index, process_count=process_count, **cfg)
 
   # -- per-record processing (runs in grain's reader threads) --
 
@@ -650,7 +319,7 @@ class Pipeline:
       return _Skip(index, "unreadable_record", f"{label}[{i}]: {type(e).__name__}: {e}", "", label)
     rid = ""
     try:
-      rec = parse_record(raw)
+      rec = rendering.parse_record(raw)
       rid = rec.id
       return self._example(index, rec)
     except BadRecord as e:
@@ -659,15 +328,15 @@ class Pipeline:
       log.exception("error while processing record %r (%s[%d])", rid, label, i)
       return _Skip(index, "processing_error", f"{type(e).__name__}: {e}", rid, label)
 
-  def _example(self, index: int, rec: Record) -> _Example:
-    ids, mask, n_images = render(rec, self.encoder, self.tokens_per_image, self.image_token_id,
-                                 self.chat_template)
+  def _example(self, index: int, rec: rendering.Record) -> _Example:
+    ids, mask, n_images = rendering.render(rec, self.encoder, self.tokens_per_image, self.image_token_id,
+                                           self.chat_template)
     if len(ids) > self.seq_len:
       if not self.truncate:
         raise BadRecord("too_long", f"{len(ids)} tokens > seq_len {self.seq_len}")
       if self.tokens_per_image:
-        ids, mask, n_images = truncate_tokens(ids, mask, self.seq_len, self.image_token_id,
-                                              self.tokens_per_image)
+        ids, mask, n_images = rendering.truncate_tokens(ids, mask, self.seq_len, self.image_token_id,
+                                                        self.tokens_per_image)
       else:  # the images are not in the token stream: only the text is cut
         ids, mask = ids[:self.seq_len], mask[:self.seq_len]
     if n_images > self.image_slots:
@@ -695,6 +364,10 @@ class Pipeline:
 
 def _tag(k: int, i) -> tuple[int, int]:
   return k, int(i)
+
+
+def _source_seed(seed: int, label: str) -> int:
+  return int(np.random.SeedSequence([seed, zlib.crc32(label.encode())]).generate_state(1)[0])
 
 
 def from_config(config, model=None, *, tokenizer=None, state: Optional[Mapping[str, Any]] = None,

@@ -23,6 +23,7 @@ import io
 from typing import Union
 
 import numpy as np
+from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,7 +44,7 @@ class BadRecord(Exception):
     self.detail = detail
 
 
-def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, "PIL.Image.Image"]) -> np.ndarray:
+def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, Image.Image]) -> np.ndarray:
   """Encoded bytes (PNG, JPEG, ...), a PIL image or an array -> uint8 [h, w, 3] RGB.
 
   Grey images are repeated to 3 channels, alpha is dropped (composited on
@@ -51,8 +52,6 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, "PIL.Imag
   uint8. Raises BadRecord("missing_image") for empty input and
   BadRecord("undecodable_image") for anything PIL cannot read.
   """
-  from PIL import Image
-
   if data is None:
     raise BadRecord("missing_image", "image is None")
   if isinstance(data, Image.Image):
@@ -108,8 +107,6 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
 def preprocess_image(img: np.ndarray, size: int, mode: str = "resize",
                      normalization: str = "clip") -> np.ndarray:
   """uint8 [h, w, 3] -> normalised float32 [size, size, 3] (see the module docstring)."""
-  from PIL import Image
-
   if mode not in MODES:
     raise ValueError(f"unknown resize mode {mode!r}; one of {MODES}")
   if normalization not in NORMALIZATIONS:
@@ -140,8 +137,6 @@ def normalize(img_uint8: np.ndarray, mean, std) -> np.ndarray:
 
 def _expand_to_square(im, fill):
   """LLaVA's expand2square: the image centred on a square canvas of colour `fill`."""
-  from PIL import Image
-
   w, h = im.size
   if w == h:
     return im
@@ -152,8 +147,6 @@ def _expand_to_square(im, fill):
 
 
 def _resize_shorter_and_crop(im, size: int):
-  from PIL import Image
-
   w, h = im.size
   scale = size / min(w, h)
   nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

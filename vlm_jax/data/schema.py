@@ -42,7 +42,7 @@ HOST_KEYS = ("id",)
 
 def features():
   """The TFDS FeaturesDict of a record (imported lazily: TF is heavy)."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # heavy (TensorFlow): only building TFDS features needs it
   return tfds.features.FeaturesDict({
       "id": tfds.features.Text(),
       "kind": tfds.features.Text(),

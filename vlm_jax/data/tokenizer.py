@@ -8,7 +8,7 @@ Special tokens of a trained tokenizer: `<pad>` = 0, `<s>` = 1 (BOS), `</s>` = 2 
 and `<image>` = vocab_size - 1, the id the VLM presets use for image tokens
 (`configs/models.py`: tiny has vocab 512 and image_token_id 511). The tokenizer
 adds no special tokens by itself (no post-processor): the input pipeline places
-BOS / EOS where the rendering rules say (`vlm_jax.data.pipeline.render`).
+BOS / EOS where the rendering rules say (`vlm_jax.data.rendering.render`).
 
 How `<image>` lands on vocab_size - 1: the BPE trainer is asked for
 vocab_size - 1 entries (3 specials + 256 byte symbols + merges). A small corpus
@@ -26,7 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from typing import Iterable, Iterator, Optional, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from vlm_jax.data import shapes_world
 
 IMAGE_TOKEN = "<image>"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -43,8 +48,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, folder: str):
   would load it). `<pad>`=0, `<s>`=1, `</s>`=2, `<image>`=vocab_size-1 (see the
   module docstring for how); `len(tokenizer) == vocab_size`.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
   if vocab_size < _MIN_VOCAB:
     raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} for a byte-level BPE "
                      f"(3 special tokens + 256 bytes + <image>), got {vocab_size}")
@@ -77,8 +80,6 @@ def _strings(texts: Iterable[str]) -> Iterator[str]:
 
 def _top_up(tok, size: int):
   """Pads a trained BPE vocabulary with unreachable `<unused_K>` entries up to `size`."""
-  from tokenizers import Tokenizer
-
   missing = size - tok.get_vocab_size(with_added_tokens=True)
   if missing <= 0:
     return tok
@@ -97,7 +98,7 @@ def _top_up(tok, size: int):
 
 
 def _save(tok, folder: str):
-  from transformers import PreTrainedTokenizerFast
+  from transformers import PreTrainedTokenizerFast  # heavy: only saving and loading need it
 
   hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
                                additional_special_tokens=[IMAGE_TOKEN])
@@ -143,9 +144,9 @@ def _from_pretrained(folder: str):
     with open(config_path) as f:
       tokenizer_class = json.load(f).get("tokenizer_class")
   if tokenizer_class in _PLAIN_FAST:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: only loading needs it
     return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # heavy (pulls in torch): only other folders need it
   return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -166,8 +167,7 @@ def shapes_world_tokenizer(folder: str, vocab_size: int = 512, corpus: Optional[
   vocab_size - 1, it is loaded. Otherwise a byte-level BPE is trained on
   `corpus` if given, else on the text of `num_examples` records of the shapes
   world generator (`vlm_jax.data.shapes_world.records`, spread over its caption,
-  vqa, region, interleaved, text_qa and text_corpus tasks, train split) when that
-  module exists, else on a small built-in corpus of sentences about shapes.
+  vqa, region, interleaved, text_qa and text_corpus tasks, train split).
   """
   if os.path.isfile(os.path.join(folder, "tokenizer.json")):
     tokenizer, image_id = load_tokenizer(folder)
@@ -177,9 +177,6 @@ def shapes_world_tokenizer(folder: str, vocab_size: int = 512, corpus: Optional[
                 folder, len(tokenizer), image_id, vocab_size, vocab_size - 1)
   if corpus is None:
     corpus = _shapes_world_texts(num_examples, seed)
-    if corpus is None:
-      log.info("vlm_jax.data.shapes_world not available: training on the built-in corpus")
-      corpus = builtin_corpus()
   return train_bpe(corpus, vocab_size, folder)
 
 
@@ -196,28 +193,18 @@ def _record_texts(record) -> list[str]:
 SHAPES_WORLD_TEXT_TASKS = ("caption", "vqa", "region", "interleaved", "text_qa", "text_corpus")
 
 
-def _shapes_world_texts(num_examples: int, seed: int) -> Optional[list[str]]:
+def _shapes_world_texts(num_examples: int, seed: int) -> list[str]:
   """Turn texts of `num_examples` train records of the shapes world, spread over its text-bearing
-  tasks (`shapes_world.records(task, "train", n, seed=seed)`); None if the module is not there."""
-  try:
-    from vlm_jax.data import shapes_world
-  except ImportError:
-    return None
-  make = getattr(shapes_world, "records", None)
-  if not callable(make):
-    log.warning("vlm_jax.data.shapes_world has no records(task, split, num, seed) generator")
-    return None
+  tasks (`shapes_world.records(task, "train", n, seed=seed)`)."""
   per_task = max(1, num_examples // len(SHAPES_WORLD_TEXT_TASKS))
   texts = []
   for task in SHAPES_WORLD_TEXT_TASKS:
-    texts.extend(t for r in make(task, "train", per_task, seed=seed) for t in _record_texts(r))
+    texts.extend(t for r in shapes_world.records(task, "train", per_task, seed=seed) for t in _record_texts(r))
   return texts
 
 
 def builtin_corpus(n: int = 3000, seed: int = 0) -> list[str]:
   """Sentences about coloured shapes on a canvas (captions, questions, answers, facts)."""
-  import random
-
   rng = random.Random(seed)
   colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "pink",
              "brown", "gray"]

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from vlm_jax.data import pipeline as pipeline_lib
+from vlm_jax.data import rendering
 from vlm_jax.data.preprocess import decode_image, preprocess_image
 from vlm_jax.eval import metrics
 from vlm_jax.models.generate import generate
@@ -20,9 +21,9 @@ from vlm_jax.models.generate import generate
 
 def prompt_of(record, tokenizer, settings: dict, chat_template=None):
   """(prompt token ids, images [n, s, s, 3] float32, reference text, meta dict)."""
-  rec = pipeline_lib.parse_record(record)
-  ids, mask, _ = pipeline_lib.render(rec, tokenizer, settings.get("tokens_per_image", 0),
-                                     settings.get("image_token_id", -1), chat_template)
+  rec = rendering.parse_record(record)
+  ids, mask, _ = rendering.render(rec, tokenizer, settings.get("tokens_per_image", 0),
+                                  settings.get("image_token_id", -1), chat_template)
   cut = int(np.argmax(mask > 0))
   meta = json.loads(rec.meta) if rec.meta else {}
   answers = [c for r, c in rec.turns if r == "assistant"]

@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vlm_jax.models.contrastive import ContrastiveModel
+from vlm_jax.models.vit import VisionTower
+
 
 # Linear kernels (2-D, or 3-D when layers are scanned); 4-D conv kernels (patch embeddings) are not.
 LINEAR_KERNEL = re.compile(r".*/kernel$")
@@ -47,8 +50,6 @@ def check_companion_fits(params: dict, tree: dict, what: str) -> None:
 
 def example_inputs(model: nn.Module) -> tuple:
   """The smallest inputs that create every parameter of `model`."""
-  from vlm_jax.models.contrastive import ContrastiveModel
-  from vlm_jax.models.vit import VisionTower
   if isinstance(model, VisionTower):
     s = model.config.image_size
     return (jnp.zeros((1, s, s, 3)),)

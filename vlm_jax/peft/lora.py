@@ -19,12 +19,15 @@ Dropout on the adapter's input (the usual `lora_dropout`) is not offered: it
 needs a separate per-token adapter path, which SparseLoRA's masked sum rules out.
 """
 
+import json
+import os
 import re
 from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from vlm_jax.models.params import check_companion_fits, flat, is_linear_kernel, unflat
 
@@ -88,9 +91,6 @@ def merge(params: dict, lora: Optional[dict], masks: Optional[dict], alpha: floa
 
 def save_adapters(directory: str, lora: dict, alpha: float) -> None:
   """The adapters alone: `<directory>/adapters` (Orbax) and `adapter_config.json` (α, rank per kernel)."""
-  import json
-  import os
-  import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(directory, "adapters"), lora, force=True)
@@ -101,9 +101,6 @@ def save_adapters(directory: str, lora: dict, alpha: float) -> None:
 
 def load_adapters(directory: str) -> tuple[dict, float]:
   """(adapters, α) written by `save_adapters`, as host arrays; `merge` applies them to a base."""
-  import json
-  import os
-  import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   with open(os.path.join(directory, "adapter_config.json")) as f:
     alpha = json.load(f)["alpha"]

@@ -1,4 +1,4 @@
-"""Pruning with explicit masks (METHODS §4, RESSA).
+"""Pruning with explicit masks, and repairing the pruned model (METHODS §4, RESSA).
 
     params, masks = sparsity.prune(model, params, method="wanda", pattern="2:4",
                                    ratios={"vision": 0.5, "lm": 0.5}, calibration=batches)
@@ -6,48 +6,17 @@
 
 `masks` is a boolean pytree (True = kept) holding the pruned kernels' paths of
 `params`; the returned params are already zero where the masks are False.
-Masked training (`vlm_jax.train.step`) and SparseLoRA (`vlm_jax.peft`) take it
-as an explicit input. See `masks.py` for the patterns, `calibrate.py` for the
-layer-by-layer procedure and `pruners.py` for the criteria.
+Read the folder top to bottom: `masks.py` (patterns, allocation across towers, files),
+`pruners.py` (magnitude / Wanda / SparseGPT criteria), `calibrate.py` (the layer-by-layer
+procedure), `prune.py` (the one call), `repair.py` (SparseLoRA + distillation or masked
+fine-tuning, as a TrainExtension of the engine), `jobs.py` (the `prune` and `repair` jobs).
 """
 
-from typing import Iterable, Optional, Sequence
-
 from vlm_jax.sparsity.calibrate import prune_sequential
-from vlm_jax.sparsity.masks import (DEFAULT_EXCLUDE, apply_masks, check_masks_fit, flat, mask_from_scores,
-                                    print_report, sparsity_report, targets, unflat)
-from vlm_jax.sparsity.pruners import METHODS, magnitude
-
-
-def prune(model, params: dict, *, method: str = "wanda", pattern: str = "row",
-          ratios: Optional[dict] = None, overrides: Iterable = (), include: Iterable[str] = (),
-          exclude: Iterable[str] = DEFAULT_EXCLUDE, calibration: Optional[Sequence[dict]] = None,
-          progress: bool = True, sparsegpt_kw: Optional[dict] = None,
-          rows_sharding=None) -> tuple[dict, dict]:
-  """Prunes `params` -> (pruned params, masks).
-
-  method: "magnitude" (no calibration), "wanda" or "sparsegpt" (calibration:
-    a list of batches in the device-batch format, run layer by layer).
-  pattern: "row" (unstructured per output unit), "matrix" (per matrix, the
-    reference magnitude rule) or "N:M" (e.g. "2:4").
-  ratios: per tower, {"vision": s_V, "projector": s_P, "lm": s_L}; default
-    0.5 for the vision tower and the LM, projector dense.
-  overrides / include / exclude: see `masks.targets`.
-  rows_sharding: shards the calibration rows over the mesh (see `prune_sequential`).
-  """
-  if method not in METHODS:
-    raise ValueError(f"unknown pruning method {method!r}; known: {METHODS}")
-  ratios = dict(ratios) if ratios is not None else {"vision": 0.5, "projector": 0.0, "lm": 0.5}
-  chosen = targets(params, ratios, pattern, overrides, include, exclude)
-  if method == "magnitude":
-    fp = flat(params)
-    masks = unflat({path: magnitude(fp[path], ratio, pattern) for path, ratio in chosen.items()})
-    return apply_masks(params, masks), masks
-  if not calibration:
-    raise ValueError(f"{method} needs calibration batches (calibration=[batch, ...])")
-  return prune_sequential(model, params, list(calibration), chosen, method, pattern,
-                          sparsegpt_kw=sparsegpt_kw, rows_sharding=rows_sharding, progress=progress)
-
+from vlm_jax.sparsity.masks import (apply_masks, check_masks_fit, mask_from_scores, print_report, sparsity_report,
+                                    targets)
+from vlm_jax.sparsity.prune import prune
+from vlm_jax.sparsity.pruners import METHODS
 
 __all__ = ["prune", "prune_sequential", "apply_masks", "check_masks_fit", "sparsity_report", "print_report",
            "targets", "mask_from_scores", "METHODS"]

@@ -4,8 +4,8 @@ prune:  model (a Hugging Face folder or a checkpoint) -> calibration batches fro
         `config.data` -> masks -> `<workdir>`: the pruned parameters as an Orbax
         run (`init="checkpoint:<workdir>"` reads them), `masks/` + `mask_paths.json`,
         `sparsity.json`, and a Hugging Face folder when `config.export_hf` is set.
-repair: the train loop with `config.sparse` (SparseLoRA + distillation, or
-        masked full fine-tuning), then the merged weights `(W + (α/r)AB) ⊙ M` as an
+repair: the train loop with the TrainExtension of `config.sparse` (`repair.py`:
+        SparseLoRA + distillation, or masked full fine-tuning), then the merged weights `(W + (α/r)AB) ⊙ M` as an
         Orbax run in `<workdir>/merged` (and `config.export_hf`), with their sparsity,
         and for SparseLoRA the adapters alone in `<workdir>/adapters`
         (`vlm_jax.peft.lora.load_adapters`; `merge(base, adapters, masks, α)`).
@@ -19,34 +19,32 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from vlm_jax import sparsity
-from vlm_jax.data import schema
 from vlm_jax import report
-from vlm_jax.models.build import build_model
+from vlm_jax.data import schema
+from vlm_jax.interop import to_hf
+from vlm_jax.models.build import build_model, model_config
 from vlm_jax.models.params import abstract_params
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.peft import lora as lora_lib
 from vlm_jax.sparsity import masks as masks_lib
+from vlm_jax.sparsity import repair as repair_lib
+from vlm_jax.sparsity.prune import prune as prune_model
+from vlm_jax.train import init_from
+from vlm_jax.train.checkpoint import save_params
+from vlm_jax.train.loop import make_data, train
 
 log = logging.getLogger(__name__)
 
 
 def load_model(config):
-  """(model, params) from `config.init`; the model from `config.model`, or from the folder for `hf:`."""
-  from vlm_jax.train import loop
-  kind, _, path = config.init.partition(":")
-  if kind == "hf" and not config.get("model"):
-    from vlm_jax.interop import from_hf
-    return from_hf(path)
-  model = build_model(config.model)
-  abstract = abstract_params(model)
-  shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh_lib.make_mesh(dict(config.mesh))), abstract)
-  return model, loop.initial_params(config.init, model, abstract, shardings, config.seed)
+  """(model, params) of `config.init` (`train/init_from.py`); the model from the folder for `hf:` without `model`."""
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  model, params, _ = init_from.load_model(config, mesh, [tuple(r) for r in config.rules])
+  return model, params
 
 
 def calibration_batches(config, model) -> list[dict]:
   """`config.calibration.rows` rows from `config.data` (the pipeline), as device batches."""
-  from vlm_jax.train.loop import make_data
   data = make_data(config, model)
   rows, batches = 0, []
   while rows < config.calibration.rows:
@@ -62,25 +60,23 @@ def prune_params(config, model, params, batches: Optional[list] = None) -> tuple
   rules = [tuple(r) for r in config.rules]
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return sparsity.prune(model, params, method=p.method, pattern=p.pattern, ratios=dict(p.ratios),
-                          overrides=[tuple(o) for o in p.get("overrides", ())],
-                          include=tuple(p.get("include", ())), calibration=batches,
-                          progress=config.get("progress", True),
-                          rows_sharding=mesh_lib.batch_sharding(mesh, rules))
+    return prune_model(model, params, method=p.method, pattern=p.pattern, ratios=dict(p.ratios),
+                       overrides=[tuple(o) for o in p.get("overrides", ())],
+                       include=tuple(p.get("include", ())), calibration=batches,
+                       progress=config.get("progress", True),
+                       rows_sharding=mesh_lib.batch_sharding(mesh, rules))
 
 
 def write_outputs(workdir: str, model, params: dict, masks: dict, export_hf: str = "") -> list[dict]:
   """The pruned (or merged) model: Orbax run, masks, sparsity table/JSON, optional HF folder."""
-  from vlm_jax.soups import save
   params = jax.device_get(params)
-  save(params, None, workdir, format="orbax")
+  save_params(workdir, params)
   masks_lib.save_masks(workdir, masks)
-  rows = sparsity.sparsity_report(params, masks)
+  rows = masks_lib.sparsity_report(params, masks)
   if jax.process_index() == 0:
-    sparsity.print_report(rows, per_layer=False)
+    masks_lib.print_report(rows, per_layer=False)
     report.write_json(os.path.join(workdir, "sparsity.json"), rows)
   if export_hf:
-    from vlm_jax.interop import to_hf
     to_hf(model, params, export_hf)
     log.info("wrote the Hugging Face checkpoint %s", export_hf)
   return rows
@@ -93,25 +89,14 @@ def prune(config, workdir: str) -> list[dict]:
   return write_outputs(workdir, model, params, masks, config.get("export_hf", ""))
 
 
-def merged_params(state_params: dict, masks: dict, lora_alpha: Optional[float]) -> dict:
-  """What a repaired model exports: the merged SparseLoRA weights, or the masked weights."""
-  if lora_alpha:
-    return lora_lib.merge(state_params["base"], state_params["lora"], masks, lora_alpha)
-  return masks_lib.apply_masks(state_params, masks)
-
-
 def repair(config, workdir: str) -> dict:
-  from vlm_jax.train.loop import train
-  kind, _, path = config.init.partition(":")
-  if kind == "hf" and not config.get("model"):  # the loop builds the model from its config
-    from vlm_jax.models.build import model_config
-    from vlm_jax.soups import _hf_model
+  if not config.get("model"):  # the loop builds the model from its config: take it from the HF folder
     with config.unlocked():
-      config.model = ml_collections.ConfigDict(model_config(_hf_model(path)))
-  summary = train(config, workdir)
+      config.model = ml_collections.ConfigDict(model_config(init_from.model_of(config)))
+  summary = train(config, workdir, extension=repair_lib.extension(config))
   masks = jax.device_get(masks_lib.load_masks(config.sparse.masks, *_base_abstract(config)))
-  alpha = float(config.sparse.get("lora_alpha", 0.0)) or None
-  merged = merged_params(jax.device_get(summary["state"].params), masks, alpha)
+  alpha = repair_lib.SparseTraining.from_config(config.sparse).lora_alpha
+  merged = repair_lib.merged_params(jax.device_get(summary["state"].params), masks, alpha)
   summary["merged"] = merged
   if alpha and jax.process_index() == 0:  # the adapters alone, too
     lora_lib.save_adapters(os.path.join(workdir, "adapters"), jax.device_get(summary["state"].params["lora"]), alpha)

@@ -18,14 +18,18 @@ Patterns, each from a score array of the kernel's shape (low = pruned first):
   N:M       in every group of M consecutive inputs, the N lowest (e.g. "2:4")
 """
 
+import json
+import os
 import re
 from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from vlm_jax.models.params import check_companion_fits, flat, is_linear_kernel, unflat
+from vlm_jax.report import print_table
 
 Params = dict
 Masks = dict
@@ -169,7 +173,6 @@ def sparsity_report(params: Params, masks: Optional[Masks] = None) -> list[dict]
 
 
 def print_report(rows: list[dict], per_layer: bool = True) -> str:
-  from vlm_jax.report import print_table
   shown = [r for r in rows if per_layer or r["name"].startswith("[")]
   return print_table(shown, "actual sparsity (exact zeros)", ["name", "zeros", "size", "sparsity"])
 
@@ -178,9 +181,6 @@ def print_report(rows: list[dict], per_layer: bool = True) -> str:
 
 def save_masks(directory: str, masks: Masks) -> None:
   """`<directory>/masks` (Orbax) and `<directory>/mask_paths.json` (what a run needs to shard them)."""
-  import json
-  import os
-  import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(directory, "masks"), masks, force=True)
@@ -189,8 +189,6 @@ def save_masks(directory: str, masks: Masks) -> None:
 
 
 def mask_paths(directory: str) -> list[str]:
-  import json
-  import os
   path = os.path.join(directory, "mask_paths.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no masks in {directory!r} (expected mask_paths.json from the prune job)")
@@ -209,8 +207,6 @@ def mask_shardings(directory: str, param_shardings: dict) -> dict:
 
 def load_masks(directory: str, abstract_params: dict, param_shardings: dict) -> Masks:
   """Masks saved by `save_masks`, placed like their parameters; a clear error when they don't fit."""
-  import os
-  import orbax.checkpoint as ocp
   fa, shardings = flat(abstract_params), flat(mask_shardings(directory, param_shardings))
   abstract = unflat({p: jax.ShapeDtypeStruct(fa[p].shape, jnp.bool_, sharding=s) for p, s in shardings.items()})
   with ocp.StandardCheckpointer() as ckpt:

@@ -12,7 +12,10 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,6 @@ def _check_restored(params: Any, abstract_params: Any, source: str) -> None:
 
 def check_same_shapes(params, abstract, source: str) -> None:
   """Raises a ValueError naming the first parameter `params` lacks, adds or shapes otherwise than `abstract`."""
-  from flax import traverse_util
   got = traverse_util.flatten_dict(params, sep="/")
   want = traverse_util.flatten_dict(abstract, sep="/")
   for name in sorted(set(got) | set(want)):
@@ -113,3 +115,67 @@ def check_same_shapes(params, abstract, source: str) -> None:
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with shardings: what Orbax restores into."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def params_item_dir(path: str, step: Optional[int] = None) -> str:
+  """The `params` item directory under a run dir, a manager dir, a step dir or the item dir itself.
+
+  The latest step unless `step` names one; errors name the path and the steps there.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no such directory {path!r}")
+  if os.path.isdir(os.path.join(path, "checkpoints")):  # a run's workdir
+    path = os.path.join(path, "checkpoints")
+  if os.path.exists(os.path.join(path, "_METADATA")) or os.path.exists(os.path.join(path, "manifest.ocdbt")):
+    if step is not None:
+      raise ValueError(f"{path!r} is a single checkpoint item; it has no steps")
+    return path  # a params item dir itself
+  if os.path.isdir(os.path.join(path, "params")) and step is None:
+    return os.path.join(path, "params")  # one step dir
+  manager = ocp.CheckpointManager(path, item_names=("params", "train", "data"))
+  try:
+    steps = sorted(manager.all_steps())
+  finally:
+    manager.close()
+  if not steps:
+    raise FileNotFoundError(f"no Orbax checkpoint in {path!r}")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"no step {step} in {path!r} (steps: {steps})")
+  item = os.path.join(path, str(step), "params")
+  if not os.path.isdir(item):
+    raise FileNotFoundError(f"checkpoint {path}/{step} has no 'params' item")
+  return item
+
+
+def read_params(path: str, step: Optional[int] = None) -> Any:
+  """The `params` item (see `params_item_dir`) as host NumPy arrays in their stored dtypes.
+
+  No abstract tree needed: what averages or inspects checkpoints of any model reads this.
+  """
+  item = params_item_dir(path, step)
+  handler = ocp.PyTreeCheckpointHandler()
+  checkpointer = ocp.Checkpointer(handler)
+  try:
+    metadata = handler.metadata(epath.Path(item)).tree  # the handler's own: no step-metadata warning
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # noqa: BLE001 — name the checkpoint, keep the cause
+    raise ValueError(f"cannot read the Orbax checkpoint {item!r} ({type(e).__name__}: {e}); "
+                     f"pick another step") from e
+  finally:
+    checkpointer.close()
+
+
+def save_params(directory: str, params: Any, step: int = 0) -> None:
+  """Parameters alone as a training run's checkpoint `<directory>/checkpoints/<step>`.
+
+  Items `params`, `train` (`{"step": step}`) and `data` (`{}`), so `restore_params(directory, ...)`
+  and `init="checkpoint:<directory>"` start from it like from a run.
+  """
+  ckpt = Checkpointer(os.path.join(directory, "checkpoints"), keep=1, asynchronous=False)
+  try:
+    ckpt.save(step, params, {"step": np.asarray(step, np.int32)}, {}, force=True)
+  finally:
+    ckpt.close()  # waits for the write

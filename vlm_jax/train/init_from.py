@@ -57,12 +57,13 @@ def model_of(config) -> nn.Module:
 
 # ----------------------------------------------------------------------------- 2-4: config.init
 
-def initial_params(config, model: nn.Module, abstract_params, param_shardings):
-  """`config.init` then `config.init_parts`, placed with their shardings (steps 2-4 above)."""
-  kind, path = parse(config.init)
+def initial_params(init: str, model: nn.Module, abstract_params, param_shardings, seed: int,
+                   parts: Optional[Mapping[str, str]] = None):
+  """`init` (`config.init`) then `parts` (`config.init_parts`), placed with their shardings (steps 2-4)."""
+  kind, path = parse(init)
   if kind == "scratch":
     fn = lambda rng: nn.meta.unbox(model.init(rng, *example_inputs(model))["params"])
-    params = jax.jit(fn, out_shardings=param_shardings)(jax.random.key(config.seed))
+    params = jax.jit(fn, out_shardings=param_shardings)(jax.random.key(seed))
   elif kind == "checkpoint":
     params = restore_params(path, abstract_like(abstract_params, param_shardings))
   else:
@@ -70,7 +71,12 @@ def initial_params(config, model: nn.Module, abstract_params, param_shardings):
     _, params = from_hf(path, **({"scan_layers": True} if scanned else {}))  # from_hf stacks the layers
     check_same_shapes(params, abstract_params, path)
     params = jax.device_put(params, param_shardings)
-  return load_parts(params, dict(config.get("init_parts") or {}), abstract_params, param_shardings)
+  return load_parts(params, dict(parts or {}), abstract_params, param_shardings)
+
+
+def _initial_params_of(config, model: nn.Module, abstract_params, param_shardings):
+  return initial_params(config.init, model, abstract_params, param_shardings, config.seed,
+                        config.get("init_parts"))
 
 
 def load_parts(params: dict, parts: Mapping[str, str], abstract_params, param_shardings) -> dict:
@@ -94,7 +100,7 @@ def load_model(config, mesh, rules, params: Optional[Any] = None) -> tuple[nn.Mo
   model = model_of(config)
   abstract, shardings = param_shapes_and_shardings(model, mesh, rules)
   if params is None:
-    params = initial_params(config, model, abstract, shardings)
+    params = _initial_params_of(config, model, abstract, shardings)
   return model, jax.device_put(params, shardings), shardings
 
 
@@ -116,7 +122,7 @@ def start(config, setup: StepSetup, ckpt: Checkpointer) -> tuple[int, TrainState
     return step, TrainState(train_items["step"], params, train_items["opt_state"], train_items["rng"]), \
         data_state, inputs
   # 2-4. config.init (+ init_parts), then the extension's wrapping.
-  params = initial_params(config, setup.model, setup.model_params, setup.model_shardings)
+  params = _initial_params_of(config, setup.model, setup.model_params, setup.model_shardings)
   if ext.initial_params:
     params = jax.device_put(ext.initial_params(params, inputs, config.seed), setup.param_shardings)
   trainable, _ = optim_lib.split(params, setup.labels)

@@ -16,8 +16,9 @@ its lowest-perplexity `keep_fraction`. Then the two questions of POINTS:
      held-out test split, overall and by question type.
 
 Every run is an ordinary train config (`common.train_config`) run by the train loop; scoring
-and filtering are the `score` and `filter` jobs (`perplexity.score`, `perplexity.filter_data`,
-which writes the filtered TFDS set the pretraining reads); VQA is `common.evaluate`.
+and filtering are the `score` and `filter` jobs (`vlm_jax.curation.jobs`: `score`, and
+`filter_data`, which writes the filtered TFDS set the pretraining reads); VQA is
+`common.evaluate`.
 
 Workdir (a finished sub-step is skipped on a re-run; a killed train run resumes):
   data/ tokenizer/          the shapes-world sets (clean, pool, vqa) and the filtered set
@@ -36,6 +37,11 @@ import jax
 import numpy as np
 
 from vlm_jax import report
+from vlm_jax.curation import jobs, perplexity, scoring
+from vlm_jax.data import builders, rendering, sources
+from vlm_jax.data.tokenizer import load_tokenizer, shapes_world_tokenizer
+from vlm_jax.experiments.shapes import common
+from vlm_jax.train.loop import train
 
 ARMS = ("unfiltered", "filtered")
 
@@ -45,7 +51,6 @@ ARMS = ("unfiltered", "filtered")
 
 def prepare(config, workdir: str) -> tuple[dict, str, str]:
   """Builds the clean, pool and vqa sets and the tokenizer; returns ({set: TFDS name}, tokenizer dir, data dir)."""
-  from vlm_jax.data import builders, tokenizer
   w = config.world
   data_dir = config.data_dir or os.path.join(workdir, "data")
 
@@ -58,17 +63,16 @@ def prepare(config, workdir: str) -> tuple[dict, str, str]:
               "pool": build("caption", w.pool, w.seed, corruption_rate=w.corruption_rate),
               "vqa": build("vqa", w.vqa, w.seed)}
   tok_dir = config.tokenizer or os.path.join(workdir, "tokenizer")
-  tokenizer.shapes_world_tokenizer(tok_dir, vocab_size=config.vocab_size)
+  shapes_world_tokenizer(tok_dir, vocab_size=config.vocab_size)
   return datasets, tok_dir, data_dir
 
 
 def corruption_flags(name: str, data_dir: str) -> dict:
   """id -> meta "corrupted" for every record of a TFDS set: the ground truth the filter never sees."""
-  from vlm_jax.data import pipeline
-  src = pipeline.open_source(pipeline.Source(name=name, split="train", data_dir=data_dir))
+  src = sources.open_source(sources.Source(name=name, split="train", data_dir=data_dir))
   flags = {}
   for i in range(len(src)):
-    rec = pipeline.parse_record(src[i])
+    rec = rendering.parse_record(src[i])
     flags[rec.id] = bool(json.loads(rec.meta or "{}").get("corrupted", False))
   return flags
 
@@ -78,15 +82,12 @@ def corruption_flags(name: str, data_dir: str) -> dict:
 
 def train_stage(config, stage: str, init: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """One run of `config.stages[stage]` in `workdir` (resumed, or skipped when finished); the loop's summary."""
-  from vlm_jax.experiments.shapes import common
-  from vlm_jax.train.loop import train
   s = config.stages[stage]
   return train(common.train_config(config, s, s.steps, init, datasets, tok_dir, data_dir), workdir)
 
 
 def train_scorer(config, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """The scoring model: from scratch on the clean captions only."""
-  from vlm_jax.experiments.shapes import common
   start = time.time()
   train_stage(config, "scorer", "scratch", datasets, tok_dir, data_dir, workdir)
   return {"loss": common.final_loss(workdir), "wall (s)": round(time.time() - start, 1)}
@@ -96,14 +97,12 @@ def train_scorer(config, datasets: dict, tok_dir: str, data_dir: str, workdir: s
 
 
 def score_config(config, scorer_dir: str, source: str, tok_dir: str, data_dir: str):
-  """configs/score_perplexity.py for `source` under the scorer, with the prompt it was trained with
-  (none), keeping `keep_fraction` and writing the filtered set next to the others."""
-  from configs import score_perplexity
-  c = score_perplexity.get_config(
-      f"init=checkpoint:{scorer_dir},source={source},data_dir={data_dir},tokenizer={tok_dir},"
-      f"batch={config.score.batch},seq_len={config.seq_len},prompt=,keep_fraction={config.keep_fraction}")
+  """The score/filter config (`jobs.default_config`) for `source` under the scorer, with the prompt it
+  was trained with (none), keeping `keep_fraction` and writing the filtered set next to the others."""
+  c = jobs.default_config(model=config.model, init=f"checkpoint:{scorer_dir}", source=source,
+                          data_dir=data_dir, tokenizer=tok_dir, batch=config.score.batch,
+                          seq_len=config.seq_len, prompt="", keep_fraction=config.keep_fraction)
   with c.unlocked():
-    c.model = config.model
     c.seed = config.seed
     c.progress = config.progress
     c.filter.output_dir = data_dir
@@ -112,15 +111,14 @@ def score_config(config, scorer_dir: str, source: str, tok_dir: str, data_dir: s
 
 def score_and_filter(config, scorer_dir: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """Scores the pool (resumable) and writes its lowest-PPL `keep_fraction` as a TFDS set; returns filter.json."""
-  from vlm_jax.curation import perplexity
   start = time.time()
   c = score_config(config, scorer_dir, datasets["pool"], tok_dir, data_dir)
-  if not os.path.exists(os.path.join(workdir, perplexity.SCORES_FILE)):
-    perplexity.score(c, workdir)
-  summary = perplexity.filter_data(c, workdir)
+  if not os.path.exists(os.path.join(workdir, scoring.SCORES_FILE)):
+    jobs.score(c, workdir)
+  summary = jobs.filter_data(c, workdir)
   with open(os.path.join(workdir, "score.json")) as f:
-    scoring = json.load(f)
-  return {**summary, "scoring wall (s)": scoring.get("wall (s)"), "samples/s": scoring.get("samples/s"),
+    scored = json.load(f)
+  return {**summary, "scoring wall (s)": scored.get("wall (s)"), "samples/s": scored.get("samples/s"),
           "wall (s)": round(time.time() - start, 1)}
 
 
@@ -164,8 +162,6 @@ def removal_quality(scores, kept_ids, flags: dict) -> dict:
 
 def run_arm(config, arm: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """Pretrains from scratch on the arm's captions, fine-tunes on VQA, evaluates; returns its results."""
-  from vlm_jax.data.tokenizer import load_tokenizer
-  from vlm_jax.experiments.shapes import common
   start = time.time()
   arm_dir = os.path.join(workdir, arm)
   pre_dir, sft_dir = os.path.join(arm_dir, "pretrain"), os.path.join(arm_dir, "sft")
@@ -205,7 +201,6 @@ def table_rows(config, quality: dict, arms: dict) -> list[dict]:
 
 def run(config, workdir: str) -> dict:
   """The `ppl_demo` job: data, scorer, score + filter, both arms, the table; returns ppl_demo.json's content."""
-  from vlm_jax.curation import perplexity
   if jax.process_count() > 1:
     raise ValueError("the shapes_ppl_filter job runs in one process")
   start = time.time()
@@ -220,8 +215,8 @@ def run(config, workdir: str) -> dict:
   filtered = report.cached(cache, "filter",
                            lambda: score_and_filter(config, scorer_dir, datasets, tok_dir, data_dir, score_dir))
   quality = report.cached(cache, "removal", lambda: removal_quality(
-      perplexity.read_scores(os.path.join(score_dir, perplexity.SCORES_FILE)),
-      perplexity.filter_scores(os.path.join(score_dir, perplexity.SCORES_FILE), config.keep_fraction),
+      perplexity.read_scores(os.path.join(score_dir, scoring.SCORES_FILE)),
+      perplexity.filter_scores(os.path.join(score_dir, scoring.SCORES_FILE), config.keep_fraction),
       corruption_flags(datasets["pool"], data_dir)))
 
   arms = {}

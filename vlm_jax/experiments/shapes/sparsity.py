@@ -13,11 +13,11 @@ import os
 import jax
 import ml_collections
 
-from configs.repair import repair_groups, sparse_block
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax import report
-from vlm_jax.sparsity import jobs
 from vlm_jax.experiments.shapes import common
+from vlm_jax.sparsity import jobs
+from vlm_jax.sparsity.repair import repair_groups, sparse_config
 
 
 def _accuracy(results: dict, tasks) -> dict:
@@ -52,7 +52,7 @@ def run_setting(config, setting: dict, dense_init: str, datasets, tok_dir, data_
   pruned_acc = _accuracy(common.evaluate(config.main, model, jax.device_get(pruned), tokenizer), config.main.eval.tasks)
 
   with c.unlocked():
-    c.sparse = sparse_block(prune_dir, "sparse_lora", config.lora_alpha, config.rank_vision, config.rank_lm,
+    c.sparse = sparse_config(prune_dir, "sparse_lora", config.lora_alpha, config.rank_vision, config.rank_lm,
                             config.kd_weight, 1.0)
     c.job = "repair"
   summary = jobs.repair(c, os.path.join(workdir, "repair"))
@@ -69,7 +69,7 @@ def run_setting(config, setting: dict, dense_init: str, datasets, tok_dir, data_
 
 def plot(rows: list[dict], dense: dict, tasks, path: str) -> None:
   """Accuracy against actual sparsity: pruned vs repaired, one panel per task."""
-  import matplotlib
+  import matplotlib  # heavy and only for the plot
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
