@@ -9,11 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_ppl_filter, shapes_soups
+from configs.shapes import ppl_filter as shapes_ppl_filter
+from configs.shapes import soups as shapes_soups
 from vlm_jax import soups
-from vlm_jax.curation import shapes_demo
 from vlm_jax.data import rendering, shapes_world, sources
-from vlm_jax import soups_demo
+from vlm_jax.experiments.shapes import ppl_filter as shapes_demo
+from vlm_jax.experiments.shapes import soups as soups_demo
 from vlm_jax.models.build import build_model
 
 

@@ -6,12 +6,12 @@ import os
 import pytest
 
 from configs import prune as prune_config
-from configs import shapes_sparsity
+from configs.shapes import sparsity as shapes_sparsity
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-  from vlm_jax.sparsity import shapes_demo
+  from vlm_jax.experiments.shapes import sparsity as shapes_demo
   root = tmp_path_factory.mktemp("sparsity")
   config = shapes_sparsity.get_config(f"quick=True,main_workdir={root / 'main'}")
   table = shapes_demo.run(config, str(root / "demo"))
@@ -29,7 +29,7 @@ def test_demo_writes_the_table_json_and_plot(demo):
     assert json.load(f)["rows"][0]["setting"] == "unstructured50_vl"
   assert os.path.getsize(root / "demo" / "accuracy_vs_sparsity.png") > 1000
   # A re-run reads finished settings back instead of recomputing them.
-  from vlm_jax.sparsity import shapes_demo
+  from vlm_jax.experiments.shapes import sparsity as shapes_demo
   assert shapes_demo.run(config, str(root / "demo"))[1] == row
 
 

@@ -6,8 +6,8 @@ import os
 import jax
 import numpy as np
 
-from configs import shapes_vila
-from vlm_jax.train import vila
+from configs.shapes import vila as shapes_vila
+from vlm_jax.experiments.shapes import vila
 
 
 def test_stages_run_chain_and_evaluate(tmp_path, capsys):

@@ -66,7 +66,7 @@ def _architecture_of(module: nn.Module) -> Architecture:
 
 
 def _read_hf_config(folder: str):
-  from transformers import AutoConfig
+  from transformers import AutoConfig  # heavy; only to read a folder's config
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"no config.json in {folder!r}")

@@ -41,7 +41,7 @@ def lm_from_hf(c) -> LMConfig:
 
 
 def lm_to_hf(c: LMConfig):
-  from transformers import LlamaConfig, Qwen2Config
+  from transformers import LlamaConfig, Qwen2Config  # heavy; only when a config is written
   rope = {"rope_type": "default", "rope_theta": c.rope_theta}
   if c.rope_linear_scaling != 1.0:
     rope = {"rope_type": "linear", "rope_theta": c.rope_theta, "factor": c.rope_linear_scaling}
@@ -69,7 +69,7 @@ def vit_from_hf(c) -> ViTConfig:
 
 
 def vit_to_hf(c: ViTConfig, projection_dim: int = 512):
-  from transformers import CLIPVisionConfig, SiglipVisionConfig
+  from transformers import CLIPVisionConfig, SiglipVisionConfig  # heavy; only when a config is written
   if c.stem:
     raise CheckpointError(f"a vision tower with a convolutional stem (stem={c.stem}) has no Hugging Face "
                           "counterpart; only towers with stem=() export")
@@ -118,7 +118,7 @@ def contrastive_from_hf(c) -> ContrastiveConfig:
 
 
 def contrastive_to_hf(c: ContrastiveConfig):
-  from transformers import CLIPConfig, SiglipConfig
+  from transformers import CLIPConfig, SiglipConfig  # heavy; only when a config is written
   vision = vit_to_hf(c.vision, c.projection_dim).to_dict()
   text = text_to_hf(c.text, c.projection_dim)
   if c.style == "siglip":
@@ -138,7 +138,7 @@ def vlm_from_hf(c) -> VLMConfig:
 
 
 def vlm_to_hf(c: VLMConfig):
-  from transformers import LlavaConfig
+  from transformers import LlavaConfig  # heavy; only when a config is written
   if c.projector != "mlp2x_gelu":
     _unsupported(f"exporting projector {c.projector!r} to LLaVA (Hugging Face LLaVA has only mlp2x_gelu)")
   if c.image_token_id >= c.text.vocab_size:

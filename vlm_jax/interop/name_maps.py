@@ -10,7 +10,6 @@ import dataclasses
 import re
 from typing import Optional
 
-import numpy as np
 
 # Leaf transforms: (ours -> hf, hf -> ours).
 _T = (lambda x: x.T, lambda x: x.T)

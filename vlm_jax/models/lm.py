@@ -6,7 +6,7 @@ returned, so decoding stays a pure function that jits and shards like training.
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import flax.linen as nn

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -88,7 +88,7 @@ class MetricsLog:
     if self.writer:
       # tf.summary.write with the scalars plugin's metadata: what tf.summary.scalar
       # writes, without needing the `tensorboard` package at write time.
-      from tensorflow.core.framework import summary_pb2
+      from tensorflow.core.framework import summary_pb2  # TF is imported lazily, with the writer
       meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
       with self.writer.as_default(step=step):
         for k, v in metrics.items():

@@ -11,7 +11,6 @@ import re
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import traverse_util
 

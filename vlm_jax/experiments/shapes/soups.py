@@ -31,10 +31,17 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
-from vlm_jax import soups
-from vlm_jax import report
+from vlm_jax import report, soups
+from vlm_jax.data import builders, shapes_world, tokenizer
+from vlm_jax.data.tokenizer import load_tokenizer
+from vlm_jax.eval.evaluate import EVALUATORS, Generator
+from vlm_jax.experiments.shapes import common
+from vlm_jax.models.build import build_model
+from vlm_jax.models.params import init_params
+from vlm_jax.train.loop import train
 
 
 # --- Data and the starting point -----------------------------------------------------------
@@ -48,7 +55,6 @@ def mix_options(mix) -> dict:
 def prepare(config, workdir: str) -> tuple[dict, str, str]:
   """Builds one train set per ingredient mix and finds (or builds) the tokenizer;
   returns ({mix: TFDS name}, tokenizer dir, data dir)."""
-  from vlm_jax.data import builders, tokenizer
   data_dir = config.data_dir or os.path.join(workdir, "data")
   datasets = {}
   for name in config.ingredients:
@@ -61,7 +67,6 @@ def prepare(config, workdir: str) -> tuple[dict, str, str]:
 
 def tokenizer_dir(config, workdir: str) -> str:
   """The base run's tokenizer (`<base>/../tokenizer` unless given); built in the workdir for base=scratch."""
-  from vlm_jax.data import tokenizer
   if config.tokenizer:
     return config.tokenizer
   if config.base == "scratch":
@@ -78,7 +83,6 @@ def tokenizer_dir(config, workdir: str) -> str:
 def base_params(config, model):
   """The starting parameters as float32 host arrays: the base checkpoint, or the seed's random init."""
   if config.base == "scratch":
-    from vlm_jax.models.params import init_params
     return jax.device_get(init_params(model, jax.random.key(config.seed)))
   return soups.load(f"checkpoint:{config.base}")
 
@@ -89,7 +93,6 @@ def base_init(config) -> str:
 
 def heldout(config, split: str) -> dict:
   """{mix: records} of `split`: `eval.validation` or `eval.test` records per mix."""
-  from vlm_jax.data import shapes_world
   out = {}
   for name in config.ingredients:
     mix = config.mixes[name]
@@ -111,9 +114,6 @@ def ingredient_sources(config, name: str) -> list:
 
 def finetune(config, name: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """Fine-tunes one ingredient from the base (resumed, or skipped when finished); returns its final loss."""
-  import ml_collections
-  from vlm_jax.experiments.shapes import common
-  from vlm_jax.train.loop import train
   start = time.time()
   f = config.finetune
   stage = ml_collections.ConfigDict(dict(lr=f.lr, groups=f.groups, sources=ingredient_sources(config, name),
@@ -127,7 +127,6 @@ def finetune(config, name: str, datasets: dict, tok_dir: str, data_dir: str, wor
 
 def make_scorer(config, model, tokenizer, records: dict) -> Callable:
   """params -> {"<mix> acc", per question type where a mix has several, "score": mean over mixes}."""
-  from vlm_jax.eval.evaluate import EVALUATORS, Generator
 
   def score(params) -> dict:
     generator = Generator(model, params, tokenizer, batch_size=config.eval.batch_size,
@@ -198,8 +197,6 @@ def print_soup_table(rows: list[dict], mixes: Sequence[str], title: str) -> str:
 
 def run(config, workdir: str) -> dict:
   """The `soup_demo` job: ingredients, soups, the table; returns soup_demo.json's content."""
-  from vlm_jax.data.tokenizer import load_tokenizer
-  from vlm_jax.models.build import build_model
   if jax.process_count() > 1:
     raise ValueError("the shapes_soups job runs in one process")
   if len(config.ingredients) < 2:

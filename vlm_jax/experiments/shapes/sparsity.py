@@ -71,7 +71,7 @@ def plot(rows: list[dict], dense: dict, tasks, path: str) -> None:
   """Accuracy against actual sparsity: pruned vs repaired, one panel per task."""
   import matplotlib  # heavy and only for the plot
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after choosing the file-only backend
   fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     for allocation, marker in (("vision+LM", "o"), ("LM only", "s")):
