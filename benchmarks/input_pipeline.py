@@ -25,25 +25,15 @@ rendering) is printed first. Timings depend on the machine's load: the notes in
 /work/shared/ENV-NOTES.md describe a 2-core machine shared with other jobs.
 """
 
-import os
+import _common  # first: the environment, the repo root on sys.path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse
 import io
 import json
 import logging
-import platform
+import os
 import shutil
-import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 import numpy as np
 
@@ -51,8 +41,7 @@ TASKS = ("caption", "vqa", "region", "interleaved", "text_qa")
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = _common.parser(__doc__)
   p.add_argument("--image-size", type=int, default=224, help="side of the preprocessed images")
   p.add_argument("--stored-size", type=int, default=0,
                  help="side of the stored images (default: --image-size; another size adds a bicubic resize)")
@@ -215,8 +204,7 @@ def _run(args, work):
   print(f"data: {what} (prepared in {t_data:.1f} s); tokenizer: shapes-world BPE 512 ({t_tok:.1f} s)")
   print(f"batch {args.batch} x seq_len {args.seq_len}, {args.image_slots} image slots, "
         f"{args.tokens_per_image} tokens/image, {args.resize_mode} + {args.normalization}, "
-        f"{args.warmup} warm-up + {args.batches} timed batches; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs")
+        f"{args.warmup} warm-up + {args.batches} timed batches; {_common.describe(_common.machine_info())}")
   raw = sources.open_source(source, data_dir)
   bd = breakdown(raw, tok, args)
   print(f"single thread: read {bd['read_ms_per_record']:.2f} ms/record, decode "

@@ -29,29 +29,15 @@ Sizes come from `configs/models.py` (presets `tiny`, `small`) when it exists
 and can be read, else from the definitions below.
 """
 
-import os
-
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import _common  # first: the environment, the repo root on sys.path
 
 import argparse
 import dataclasses
 import importlib.util
 import json
-import platform
-import statistics
-import sys
+import os
 import tempfile
 import time
-import warnings
-
-warnings.filterwarnings("ignore")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +45,6 @@ import numpy as np
 import torch
 import transformers
 from flax import traverse_util
-
-transformers.utils.logging.disable_progress_bar()
 
 import vlm_jax
 from vlm_jax.interop import hf_configs
@@ -88,7 +72,7 @@ BUILTIN = {
 
 def _preset_from_configs(size: str):
   """The `size` VLM preset of configs/models.py as a VLMConfig, or None (with the reason)."""
-  path = os.path.join(ROOT, "configs", "models.py")
+  path = os.path.join(_common.ROOT, "configs", "models.py")
   if not os.path.exists(path):
     return None, "configs/models.py absent"
   try:
@@ -183,29 +167,7 @@ def gen_flops(c: LMConfig, n_mm: int, batch: int, prompt: int, new: int) -> floa
   return total
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def timed_pair(fn_a, fn_b, repeats: int, budget_s: float = float("inf")):
-  """Both functions' (first-call s, median s, last result, timed runs), timed runs interleaved a, b, a, b, ...
-
-  Interleaving keeps a load change on this shared machine from favouring one side.
-  After `budget_s` seconds of timed runs no new round starts (at least one always runs).
-  """
-  firsts, outs, times = [], [None, None], ([], [])
-  for fn in (fn_a, fn_b):
-    t0 = time.perf_counter()
-    fn()
-    firsts.append(time.perf_counter() - t0)
-  start = time.perf_counter()
-  for r in range(repeats):
-    if r and time.perf_counter() - start > budget_s:
-      break
-    for i, fn in enumerate((fn_a, fn_b)):
-      t0 = time.perf_counter()
-      outs[i] = fn()
-      times[i].append(time.perf_counter() - t0)
-  return [(firsts[i], statistics.median(times[i]), outs[i], len(times[i])) for i in range(2)]
+# --------------------------------------------------------------------------- peak
 
 
 def peak_matmul(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
@@ -213,19 +175,10 @@ def peak_matmul(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
 
   The fastest run, not the median: on a shared machine the median measures the load.
   """
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(jnp.matmul)
   ta, tb = torch.randn(n, n), torch.randn(n, n)
-  best = [float("inf"), float("inf")]
   with torch.inference_mode():
-    for i, fn in enumerate((lambda: mm(a, b).block_until_ready(), lambda: torch.mm(ta, tb))):
-      fn()
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best[i] = min(best[i], time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best[0], 2.0 * n ** 3 / best[1]
+    return tuple(_common.matmul_peak(fn, n, repeats, stat=min)
+                 for fn in (_common.jax_matmul(n), lambda: torch.mm(ta, tb)))
 
 
 # --------------------------------------------------------------------------- models
@@ -298,7 +251,7 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
     jax_call = lambda: fwd(params, ids_j, images_j).block_until_ready()
     torch_kw = dict(pixel_values=torch.from_numpy(images_np.transpose(0, 3, 1, 2).copy()))
   with torch.inference_mode():
-    (j_first, j_med, j_logits, runs), (t_first, t_med, t_out, _) = timed_pair(
+    (j_first, j_med, j_logits, runs), (t_first, t_med, t_out, _) = _common.timed_pair(
         jax_call, lambda: hf(input_ids=ids_t, **torch_kw, use_cache=False).logits, args.repeats, args.budget_s)
   diff = float(np.max(np.abs(np.asarray(j_logits) - t_out.float().numpy())))
   tokens = args.batch * seq
@@ -328,7 +281,7 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
     gen_t = lambda: hf.generate(input_ids=g_ids_t, attention_mask=torch.ones_like(g_ids_t), **hf_kw,
                                 do_sample=False, max_new_tokens=n, min_new_tokens=n)
     with torch.inference_mode():
-      (j_first, j_med, j_tokens, runs), (t_first, t_med, t_tokens, _) = timed_pair(
+      (j_first, j_med, j_tokens, runs), (t_first, t_med, t_tokens, _) = _common.timed_pair(
           gen_j, gen_t, args.gen_repeats, args.budget_s)
     t_new = t_tokens[:, prompt:].numpy()
     j_new = np.asarray(j_tokens)
@@ -352,21 +305,14 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
 # --------------------------------------------------------------------------- table
 
 
-def fmt_params(n: int) -> str:
-  return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-
-
 def table(rows: list[dict]) -> str:
   head = ["model", "params", "task", "vlm_jax tok/s", "torch tok/s", "ratio", "MFU jax/torch",
           "max|Δlogits|", "jax compile s", "torch 1st s"]
-  body = [[r["model"], fmt_params(r["params"]), r["task"], f"{r['jax_tok_s']:,.0f}",
+  body = [[r["model"], _common.fmt_params(r["params"]), r["task"], f"{r['jax_tok_s']:,.0f}",
            f"{r['torch_tok_s']:,.0f}", f"{r['ratio']:.2f}x",
            f"{100 * r['jax_mfu']:.1f}%/{100 * r['torch_mfu']:.1f}%", r["check"],
            f"{r['jax_compile_s']:.1f}", f"{r['torch_first_s']:.2f}"] for r in rows]
-  widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-  line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-  sep = "  ".join("-" * w for w in widths)
-  return "\n".join([line(head), sep, *(line(b) for b in body)])
+  return _common.text_table(head, body)
 
 
 def main(argv=None):
@@ -411,14 +357,9 @@ def main(argv=None):
   peak, torch_peak = peak_matmul()
   print(f"peak float32 matmul 2048x2048 (best of 10): jax {peak / 1e9:.0f} GFLOP/s, "
         f"torch {torch_peak / 1e9:.0f} GFLOP/s", flush=True)
-  info = dict(
-      jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
-      torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), machine=platform.machine(),
-      jax_device=str(jax.devices()[0]), xla_flags=os.environ.get("XLA_FLAGS", ""), dtype="float32",
-      load_avg_start=os.getloadavg()[0])
-  print(f"jax {info['jax']} | torch {info['torch']} ({info['torch_threads']} threads) | transformers "
-        f"{info['transformers']} | {info['cpu_count']} CPUs | XLA_FLAGS={info['xla_flags']!r} | "
-        f"1-min load average {info['load_avg_start']:.2f}")
+  info = dict(_common.machine_info(jax, torch, transformers), jax_device=str(jax.devices()[0]), dtype="float32",
+              load_avg_start=os.getloadavg()[0])
+  print(f"{_common.describe(info)} | 1-min load average {info['load_avg_start']:.2f}")
 
   rows, sources = [], {}
   for size in sizes:

@@ -33,25 +33,14 @@ target tok/s only the scored ones. The PPLs of the two sides are compared (max r
 difference; float32 on both, expect < 1e-4).
 """
 
-import os
+import _common  # first: the environment, the repo root on sys.path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse
 import json
-import platform
+import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +59,7 @@ from vlm_jax.models.params import init_params
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.parser(__doc__)
   parser.add_argument("--model", default="tiny", help="a VLM preset of configs/models.py (tiny, small, ...)")
   parser.add_argument("--records", type=int, default=64, help="captions to score (a multiple of --batch)")
   parser.add_argument("--batch", type=int, default=16, help="rows per batch")
@@ -85,28 +74,12 @@ def parse_args(argv=None):
   return args
 
 
-def timed_pair(fn_a, fn_b, repeats: int):
-  """(first-call s, median s, last result) of both, timed runs interleaved a, b, a, b, ..."""
-  firsts, outs, times = [], [None, None], ([], [])
-  for fn in (fn_a, fn_b):
-    t0 = time.perf_counter()
-    fn()
-    firsts.append(time.perf_counter() - t0)
-  for _ in range(repeats):
-    for i, fn in enumerate((fn_a, fn_b)):
-      t0 = time.perf_counter()
-      outs[i] = fn()
-      times[i].append(time.perf_counter() - t0)
-  return [(firsts[i], statistics.median(times[i]), outs[i]) for i in range(2)]
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
 
   import torch  # heavy, and only the PyTorch side needs it
   import transformers  # heavy, and only the PyTorch side needs it
 
-  transformers.utils.logging.disable_progress_bar()
   tfds.disable_progress_bar()
 
   tmp = tempfile.mkdtemp(prefix="bench_scoring_")
@@ -171,7 +144,7 @@ def main(argv=None) -> dict:
         res.append(((nll * w).sum(-1).numpy(), w.sum(-1).numpy()))
     return res
 
-  (j_first, j_med, j_out), (t_first, t_med, t_out) = timed_pair(run_jax, run_torch, args.repeats)
+  (j_first, j_med, j_out, _), (t_first, t_med, t_out, _) = _common.timed_pair(run_jax, run_torch, args.repeats)
   j_ppl = np.exp(np.concatenate([s / n for s, n in j_out]))
   t_ppl = np.exp(np.concatenate([s / n for s, n in t_out]))
   rel = float(np.max(np.abs(j_ppl - t_ppl) / t_ppl))
@@ -210,9 +183,8 @@ def main(argv=None) -> dict:
         f"the job once (its seconds include compiling)", flush=True)
   result = dict(model=args.model, params=count_params(params), records=n, batch=args.batch, seq=args.seq,
                 real_tokens=real_tokens, target_tokens=target_tokens, rows=rows, max_rel_ppl_diff=rel,
-                job_vs_function_rel_diff=job_rel, repeats=args.repeats, machine=platform.machine(),
-                python=platform.python_version(), jax=jax.__version__, torch=torch.__version__,
-                transformers=transformers.__version__)
+                job_vs_function_rel_diff=job_rel, repeats=args.repeats,
+                **_common.machine_info(jax, torch, transformers))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

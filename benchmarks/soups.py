@@ -22,22 +22,15 @@ from the page cache, not the disk. Timings are the median of `--repeats`; on a s
 2-core machine expect +-20% (see /work/shared/ENV-NOTES.md).
 """
 
-import os
+import _common  # first: the environment, the repo root on sys.path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import argparse
 import logging
-import platform
+import os
 import shutil
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax loads: a soup is host work
 
 import jax
 import ml_dtypes
@@ -50,8 +43,7 @@ from vlm_jax.train.checkpoint import Checkpointer
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = _common.parser(__doc__)
   p.add_argument("--k", type=int, default=4, help="number of ingredients (default 4)")
   p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the LM tree (default 32000)")
   p.add_argument("--width", type=int, default=768, help="embedding width (default 768)")
@@ -79,15 +71,6 @@ def model_tree(args):
   return make, abstract
 
 
-def timed(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
@@ -100,7 +83,7 @@ def main(argv=None):
   model_gb = n * itemsize / 1e9
   root = args.dir or tempfile.mkdtemp(prefix="soup_bench_")
   print(f"{args.k} ingredients of {n / 1e6:.1f}M {args.dtype} parameters ({model_gb:.3f} GB each) in {root}; "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
+        f"{_common.describe(_common.machine_info(jax))}", flush=True)
   try:
     # --- Ingredients as Orbax checkpoints.
     start = time.perf_counter()
@@ -119,16 +102,16 @@ def main(argv=None):
     src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # touch the pages first
-    copy_s = timed(lambda: np.copyto(dst, src), max(3, args.repeats))
+    copy_s = _common.median_time(lambda: np.copyto(dst, src), max(3, args.repeats))
     copy_gb = src.nbytes / 1e9
     del src, dst
 
     # --- The soup.
-    load_s = timed(lambda: [soups.load(p, dtype=None) for p in paths], args.repeats)
+    load_s = _common.median_time(lambda: [soups.load(p, dtype=None) for p in paths], args.repeats)
     in_memory = [soups.load(p, dtype=None) for p in paths]
-    add_s = timed(lambda: soups.uniform_soup(in_memory), args.repeats)
+    add_s = _common.median_time(lambda: soups.uniform_soup(in_memory), args.repeats)
     del in_memory
-    soup_s = timed(lambda: soups.uniform_soup(paths), args.repeats)
+    soup_s = _common.median_time(lambda: soups.uniform_soup(paths), args.repeats)
 
     total_gb = args.k * model_gb
     rows = [

@@ -15,20 +15,10 @@
    median of `--steps` steps after 2 warm-up steps.
 """
 
+import _common  # first: the environment, the repo root on sys.path
+
 import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import argparse
-import statistics
-import sys
 import tempfile
-import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 import flax.linen as nn
 import jax
@@ -38,17 +28,19 @@ import torch
 import transformers
 
 import vlm_jax
-from vlm_jax.train.config import default_config
-from configs.repair import repair_groups, sparse_block
 from tests import sparsity_reference as ref
 from vlm_jax import sparsity
-from vlm_jax.data.synthetic import SyntheticBatches
 from vlm_jax.data import schema
-from vlm_jax.report import print_table
+from vlm_jax.data.synthetic import SyntheticBatches
 from vlm_jax.models.build import model_config
+from vlm_jax.report import print_table
 from vlm_jax.sparsity import masks as masks_lib
+from vlm_jax.sparsity import repair
 from vlm_jax.train import optim as optim_lib
-from vlm_jax.train.loop import sparse_initial_params, step_setup
+from vlm_jax.train.config import default_config
+from vlm_jax.train.extension import PLAIN
+from vlm_jax.train.init_from import initial_params
+from vlm_jax.train.setup import step_setup
 from vlm_jax.train.step import TrainState
 
 
@@ -61,12 +53,6 @@ def llama(args) -> transformers.LlamaForCausalLM:
   return transformers.LlamaForCausalLM(config).float().eval()
 
 
-def timed(fn):
-  t0 = time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - t0
-
-
 def bench_pruning(args, folder: str) -> list[dict]:
   ids = ref.calibration_ids(args.samples, args.seq, args.vocab)
   batches = [{"input_ids": ids[i:i + 8].numpy(), "attention_mask": np.ones((min(8, args.samples - i), args.seq))}
@@ -76,11 +62,11 @@ def bench_pruning(args, folder: str) -> list[dict]:
     model, params = vlm_jax.from_hf(folder)
     prune = lambda: jax.block_until_ready(sparsity.prune(model, params, method="wanda", pattern=pattern,
                                                          ratios={"lm": 0.5}, calibration=batches, progress=False))
-    (_, masks), cold = timed(prune)
-    _, warm = timed(prune)
+    (_, masks), cold = _common.timed(prune)
+    _, warm = _common.timed(prune)
     torch_model = transformers.LlamaForCausalLM.from_pretrained(folder).float().eval()
     with torch.no_grad():
-      want, torch_s = timed(lambda: ref.reference_prune(torch_model, ids, "wanda", 0.5, n, m))
+      want, torch_s = _common.timed(lambda: ref.reference_prune(torch_model, ids, "wanda", 0.5, n, m))
     flat = masks_lib.flat(masks)
     differ = sum(int(np.sum(~np.asarray(flat[f"layers_{k.split('.')[2]}/{short}/kernel"]).T != v.numpy()))
                  for k, v in want.items() for short in [k.split(".")[-1].replace("_proj", "")])
@@ -103,33 +89,37 @@ def bench_steps(args, folder: str) -> list[dict]:
     c.model = model_config(model)
     c.total_steps = 100
     c.init = f"hf:{folder}"
-    c.optim.groups = repair_groups(mode) if mode else [(".*", 1.0)]
+    c.optim.groups = repair.repair_groups(mode) if mode else [(".*", 1.0)]
+    ext = PLAIN
     if mode:
-      c.sparse = sparse_block(masks_dir, mode, rank_vision=8, rank_lm=8, kd=kd)
-    s = step_setup(c, jax.devices()[:1])
-    start = sparse_initial_params(c, s, jax.device_put(masks)) if mode else params
+      c.sparse = repair.sparse_config(masks_dir, mode, rank_vision=8, rank_lm=8, kd=kd)
+      ext = repair.extension(c)
+    s = step_setup(c, jax.devices()[:1], ext)
+    # A fresh start as the train loop makes it (the step donates the state, so each run reads its own).
+    start = initial_params(c.init, s.model, s.model_params, s.model_shardings, c.seed)
+    if ext.initial_params:
+      start = jax.device_put(ext.initial_params(start, masks, c.seed), s.param_shardings)
     trainable, _ = optim_lib.split(start, s.labels)
     state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), start, s.tx.init(trainable),
                                       jax.random.key_data(jax.random.key(0))), s.shardings)
     batch = jax.device_put(schema.device_batch(host), s.batch_sharding)
-    extra = (jax.device_put(masks, s.mask_shardings),) if mode else ()
-    times = []
+    extra = (jax.device_put(masks, s.input_shardings),) if s.input_shardings is not None else ()
+
+    def step():
+      nonlocal state
+      state, metrics = s.step(state, batch, *extra)
+      jax.block_until_ready(metrics)
+
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-      for i in range(args.steps + 2):
-        t0 = time.perf_counter()
-        state, metrics = s.step(state, batch, *extra)
-        jax.block_until_ready(metrics)
-        if i >= 2:
-          times.append(time.perf_counter() - t0)
-    rows.append({"train step": name, "median s": statistics.median(times),
-                 "tokens/s": args.batch * args.seq / statistics.median(times)})
+      median_s = _common.median_time(step, args.steps, warmup=2)
+    rows.append({"train step": name, "median s": median_s, "tokens/s": args.batch * args.seq / median_s})
   for r in rows:
     r["vs dense"] = r["median s"] / rows[0]["median s"]
   return rows
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _common.parser(__doc__)
   p.add_argument("--hidden", type=int, default=512)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--vocab", type=int, default=8000)
@@ -142,7 +132,7 @@ def main():
   with tempfile.TemporaryDirectory() as folder:
     llama(args).save_pretrained(folder)
     print(f"LLaMA {args.layers} x {args.hidden}, vocab {args.vocab}; {args.samples} x {args.seq} calibration tokens; "
-          f"{jax.device_count()} JAX device(s), torch {torch.get_num_threads()} threads\n")
+          f"{jax.device_count()} JAX device(s); {_common.describe(_common.machine_info(jax, torch, transformers))}\n")
     print_table(bench_pruning(args, folder), "Wanda calibration + pruning (wall seconds)")
     print()
     print_table(bench_steps(args, folder), f"train step, {args.batch} x {args.seq} tokens")

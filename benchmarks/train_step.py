@@ -33,27 +33,13 @@ parameters, tokens = batch x seq). Both MFU columns use the same FLOPs for both
 sides, so they compare like with like.
 """
 
-import os
+import _common  # first: the environment, the repo root on sys.path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse
 import json
-import platform
+import os
 import statistics
-import sys
 import tempfile
 import time
-import warnings
-
-warnings.filterwarnings("ignore")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 import flax.linen as nn
 import jax
@@ -61,8 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-
-transformers.utils.logging.disable_progress_bar()
 
 import vlm_jax
 from configs import models
@@ -91,20 +75,6 @@ def train_config(size: str, args):
   c.optim.update(dict(lr=args.lr, schedule="constant", warmup_frac=0.0, warmup_steps=0, weight_decay=0.0,
                       clip_norm=1.0, groups=[(".*", 1.0)]))
   return c
-
-
-def peak_matmul(n: int = 2048, repeats: int = 10) -> float:
-  """Median float32 FLOP/s of a jitted n x n JAX matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(jnp.matmul)
-  mm(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    mm(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2.0 * n ** 3 / statistics.median(times)
 
 
 def torch_batch(batch: dict) -> dict:
@@ -156,11 +126,13 @@ def bench(size: str, args, folder: str) -> dict:
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       xla_flops = extrapolated_flops(config)
 
+  losses = ([], [])
+
   def jax_step():
     nonlocal state
     state, metrics = compiled(state, jbatch)
     jax.block_until_ready((state, metrics))
-    return float(metrics["loss"])
+    losses[0].append(float(metrics["loss"]))
 
   def torch_step():
     loss = hf(**tbatch, use_cache=False).loss
@@ -168,26 +140,14 @@ def bench(size: str, args, folder: str) -> dict:
     torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
     hf_opt.step()
     hf_opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    losses[1].append(float(loss.detach()))
 
   # Warm-up, then the timed steps: alternating sides (`interleave`, so that a load change on this
   # shared machine hits both) or all of one side, then all of the other (`blocks`). Before each
   # step the process sleeps `--pause` s, so that neither side starts while the other's thread
   # pool is still spin-waiting (both runtimes spin for a while after a step).
-  times, losses = ([], []), ([], [])
-  sides = (jax_step, torch_step)
-  if args.order == "interleave":
-    schedule = [(side, i) for i in range(args.warmup + args.steps) for side in (0, 1)]
-  else:
-    schedule = [(side, i) for side in (0, 1) for i in range(args.warmup + args.steps)]
-  for side, i in schedule:
-    time.sleep(args.pause)
-    t0 = time.perf_counter()
-    loss = sides[side]()
-    dt = time.perf_counter() - t0
-    losses[side].append(loss)
-    if i >= args.warmup:
-      times[side].append(dt)
+  all_times, _ = _common.run_timed((jax_step, torch_step), args.steps, args.warmup, args.pause, args.order)
+  times = tuple(t[args.warmup:] for t in all_times)
   del hf, hf_opt, state
 
   tokens = args.batch * args.seq
@@ -207,25 +167,19 @@ def bench(size: str, args, folder: str) -> dict:
 # --------------------------------------------------------------------------- table
 
 
-def fmt_params(n: int) -> str:
-  return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-
-
 def table(rows: list[dict]) -> str:
   head = ["model", "params", "batch", "vlm_jax tok/s", "torch tok/s", "ratio", "MFU xla jax/torch",
           "MFU 6ND jax/torch", "|Δloss| 1st/last", "compile s"]
-  body = [[r["model"], fmt_params(r["params"]), r["batch"], f"{r['jax_tok_s']:,.0f}", f"{r['torch_tok_s']:,.0f}",
-           f"{r['ratio']:.2f}x", f"{100 * r['jax_mfu_xla']:.1f}%/{100 * r['torch_mfu_xla']:.1f}%",
+  body = [[r["model"], _common.fmt_params(r["params"]), r["batch"], f"{r['jax_tok_s']:,.0f}",
+           f"{r['torch_tok_s']:,.0f}", f"{r['ratio']:.2f}x",
+           f"{100 * r['jax_mfu_xla']:.1f}%/{100 * r['torch_mfu_xla']:.1f}%",
            f"{100 * r['jax_mfu_6nd']:.1f}%/{100 * r['torch_mfu_6nd']:.1f}%",
            f"{r['dloss_first']:.0e}/{r['dloss_last']:.0e}", f"{r['compile_s']:.1f}"] for r in rows]
-  widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-  line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-  return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(b) for b in body)])
+  return _common.text_table(head, body)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _common.parser(__doc__)
   p.add_argument("--sizes", default="tiny,small", help="comma-separated VLM presets of configs/models.py")
   p.add_argument("--batch", type=int, default=8, help="rows per batch (default 8)")
   p.add_argument("--seq", type=int, default=256, help="tokens per row, image tokens included (default 256)")
@@ -248,20 +202,18 @@ def main(argv=None):
     p.error("--steps must be at least 1")
 
   t_start = time.perf_counter()
-  peak = peak_matmul(repeats=args.peak_repeats)
+  matmul = _common.jax_matmul()
+  peak = _common.matmul_peak(matmul, repeats=args.peak_repeats)
   print(f"peak float32 matmul 2048² (jitted JAX, median of {args.peak_repeats}): {peak / 1e9:.0f} GFLOP/s", flush=True)
-  info = dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
-              torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), machine=platform.machine(),
-              xla_flags=os.environ.get("XLA_FLAGS", ""), dtype="float32", load_start=os.getloadavg()[0])
-  print(f"jax {info['jax']} | torch {info['torch']} ({info['torch_threads']} threads) | transformers "
-        f"{info['transformers']} | {info['cpu_count']} CPUs | XLA_FLAGS={info['xla_flags']!r}", flush=True)
+  info = dict(_common.machine_info(jax, torch, transformers), dtype="float32", load_start=os.getloadavg()[0])
+  print(_common.describe(info), flush=True)
 
   rows = []
   for size in [s for s in args.sizes.split(",") if s]:
     with tempfile.TemporaryDirectory() as folder:
       rows.append(bench(size, args, folder))
 
-  peak_end = peak_matmul(repeats=args.peak_repeats)
+  peak_end = _common.matmul_peak(matmul, repeats=args.peak_repeats)
   info.update(peak_start=peak, peak_end=peak_end, load_end=os.getloadavg()[0])
   peak = max(peak, peak_end)
   info["peak_flops"] = peak

@@ -44,3 +44,30 @@ def test_generator_batches_and_scores(setup, monkeypatch):
   scores = ev.evaluate_vqa(gen, records)
   assert scores["vqa acc"] == pytest.approx(0.5)
   assert {k for k in scores if k.startswith("vqa/")} == {f"vqa/{m['qtype']} acc" for m in metas}
+
+
+def _fixed_generator(preds, refs, metas):
+  return lambda records: (preds, refs, metas)
+
+
+def test_evaluate_vqa_scores_human_answers_officially():
+  # VQA v2 style: 10 human answers in meta "answers" (strings or {"answer": ...} dicts) -> official accuracy.
+  metas = [{"qtype": "yes/no", "answers": ["yes"] * 3 + ["no"] * 7},
+           {"qtype": "number", "answers": [{"answer": "2"}] * 2 + [{"answer": "3"}] * 8}]
+  scores = ev.evaluate_vqa(_fixed_generator(["Yes", "two"], ["yes", "3"], metas), None)
+  assert scores["vqa acc"] == pytest.approx((0.9 + 0.6) / 2)
+  assert scores["vqa official acc"] == scores["vqa acc"]
+  assert scores["vqa/yes/no acc"] == pytest.approx(0.9) and scores["vqa/number acc"] == pytest.approx(0.6)
+  assert "vqa exact match acc" not in scores
+
+
+def test_evaluate_vqa_mixed_records_report_both_metrics():
+  metas = [{"qtype": "color", "answer": "red"},  # shapes world: one reference -> exact match
+           {"qtype": "color", "answers": ["red"] * 2 + ["blue"] * 8},
+           {"qtype": "color", "answers": ["green"]}]  # a single human answer is one reference too
+  scores = ev.evaluate_vqa(_fixed_generator(["Red", "red", "green"], ["red", "blue", "green"], metas), None)
+  assert scores["vqa exact match acc"] == 1.0
+  assert scores["vqa official acc"] == pytest.approx(0.6)
+  assert scores["vqa acc"] == pytest.approx((1.0 + 0.6 + 1.0) / 3)
+  assert not any(k.startswith("vqa/") for k in scores)  # one question type: no breakdown
+  assert ev.human_answers_of({"answers": ["x"]}) is None and ev.human_answers_of({}) is None

@@ -17,8 +17,8 @@ from vlm_jax.eval import (
     normalize_answer,
     perplexity,
     tokenize,
-    vqa_accuracy_by_type,
     vqa_exact_match,
+    vqa_exact_match_by_type,
 )
 from vlm_jax.report import print_table, write_json
 
@@ -44,6 +44,11 @@ from vlm_jax.report import print_table, write_json
     ("don't", "don't"),
     ("an apple", "apple"),
     ("is it? yes", "is it yes"),
+    ("3 oclock", "3 o'clock"),  # the full official contractions table
+    ("Theyll", "they'll"),
+    ("yall", "y'all"),
+    ("im", "im"),  # the official table's "Im" / "Ive" keys never match lower-cased words
+    ("lets", "lets"),
 ])
 def test_normalize_answer(raw, expected):
   assert normalize_answer(raw) == expected
@@ -62,11 +67,11 @@ def test_vqa_exact_match_multiple_references():
   assert vqa_exact_match(["x"], [["y", "z"]]) == 0.0
 
 
-def test_vqa_accuracy_by_type():
+def test_vqa_exact_match_by_type():
   preds = ["2", "red", "yes", "no", "3"]
   refs = ["two", "blue", "yes", "yes", ["three", "3"]]
   types = ["count", "color", "yes/no", "yes/no", "count"]
-  assert vqa_accuracy_by_type(preds, refs, types) == {
+  assert vqa_exact_match_by_type(preds, refs, types) == {
       "color": 0.0, "count": 1.0, "yes/no": 0.5}
 
 
@@ -74,7 +79,7 @@ def test_vqa_length_mismatch_raises():
   with pytest.raises(ValueError):
     vqa_exact_match(["a", "b"], ["a"])
   with pytest.raises(ValueError):
-    vqa_accuracy_by_type(["a"], ["a"], ["t", "u"])
+    vqa_exact_match_by_type(["a"], ["a"], ["t", "u"])
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ on the image(s) and a fixed prompt (`chat_template.caption_prompt`, by default
 Sort ascending and keep the lowest `keep_fraction` (POINTS keeps 0.2: 1M of 5M), or every
 record with PPL <= `threshold`.
 
+    token_nll(logits, batch, logprob_dtype="float32") -> (nll [B, L-1], weights [B, L-1])
     record_nll(logits, batch, logprob_dtype="float32") -> (nll_sum [B], tokens [B])
     make_score_fn(model, logprob_dtype) -> (params, batch) -> {"nll_sum", "tokens"}
     read_scores(path) -> [{"id", "ppl", "nll", "tokens"}, ...]
@@ -19,13 +20,25 @@ record with PPL <= `threshold`.
     filter_scores(path, keep_fraction=None, threshold=None) -> set of kept ids
     ppl_histogram(ppls, bins, threshold) -> text
 
-Precision. Log-probabilities are computed in float32 from the model's logits (the
-log-softmax, the gather and the per-record sums). `logprob_dtype="bfloat16"` reproduces the
-published reference script instead, which casts the logits to bfloat16 first and takes the
-log-softmax there: a known flaw (METHODS §2) — with a 32k vocabulary a bfloat16 log-prob
-near -10 is only resolved to ±0.03, which reorders records whose PPLs are close. The model's
-own compute dtype (`model.text.dtype`) is the config's business; for float32 scores end to
-end keep it float32.
+Precision. `logprob_dtype="float32"` (the default, the correct computation of METHODS §2):
+log-probabilities in float32 from the model's logits (the log-softmax, the gather and the
+per-record sums). `logprob_dtype="points_reference"` reproduces the official POINTS filter
+instead (WePOINTS/WePOINTS, scripts/pretrain_filtering_with_ppl.py; `token_nll` gives the
+rule line by line): softmax in float32, then each target token's probability rounded to
+bfloat16 before the log. That rounding is its flaw: a bfloat16 probability keeps 8
+significant bits, so every log-prob is off by up to 2^-9 ~ 0.002, which reorders records
+whose PPLs are close. The model's own compute dtype (`model.text.dtype`) is the config's
+business: the reference ran its model in float16; for float32 scores end to end keep it
+float32.
+
+Which tokens. The reference scores the caption and the end-of-turn token `<|im_end|>` after
+it, not the "\n" that follows (its slices `[-valid_len-1:-2]` / `[-valid_len:-1]`, with
+valid_len = caption tokens + 2). A caption row of the pipeline marks the same span in
+either mode: the caption and the tokenizer's EOS, with nothing after it
+(`vlm_jax.data.rendering`); with a chat model's tokenizer EOS is its end-of-turn token
+(Qwen2-VL-Instruct: `<|im_end|>`). The context before the caption is the data config's
+(chat template, prompt), not this mode's: the reference wraps the image and the prompt in
+Qwen2-VL's chat turns, system message included.
 
 Selection is deterministic: ties in PPL are broken by id, and a NaN PPL sorts last.
 
@@ -49,11 +62,15 @@ import numpy as np
 from vlm_jax.train.step import forward, token_losses
 
 DEFAULT_PROMPT = "please generate a caption for this image."
-LOGPROB_DTYPES = ("float32", "bfloat16")
+LOGPROB_DTYPES = ("float32", "points_reference")
 
 
 def check_logprob_dtype(logprob_dtype: str) -> str:
   """`logprob_dtype`, if it is one of LOGPROB_DTYPES (a typo must not silently pick one)."""
+  if logprob_dtype == "bfloat16":
+    raise ValueError('logprob_dtype "bfloat16" (a log-softmax of bfloat16 logits) was not the POINTS '
+                     'rule and is gone: "points_reference" reproduces the official filter, "float32" '
+                     'is the correct computation')
   if logprob_dtype not in LOGPROB_DTYPES:
     raise ValueError(f"logprob_dtype must be one of {LOGPROB_DTYPES}, got {logprob_dtype!r}")
   return logprob_dtype
@@ -67,22 +84,39 @@ def ppl_of(nll: float) -> float:
 # --- Per-record negative log-likelihood (pure, jittable) ----------------------------------
 
 
+def token_nll(logits, batch: Mapping[str, Any], logprob_dtype: str = "float32"):
+  """-log P(token t | tokens < t) and the weight `loss_mask[t]`, float32 [B, L-1] each (t >= 1).
+
+  "float32": the log-softmax in float32, as the training loss (`train.step.token_losses`).
+  "points_reference": the official POINTS filter, WePOINTS/WePOINTS
+  scripts/pretrain_filtering_with_ppl.py (`Qwen2VL.get_output_info` and `_calc_ppl`,
+  commit 50bdb87, unchanged since), whose steps are, in order:
+    p = F.softmax(logits.float(), dim=-1)          # softmax over the vocabulary in float32
+    p = torch.gather(p, -1, target).to(bfloat16)   # the picked probability rounded to bfloat16
+    ppl = exp(-mean(log(torch.tensor(p))))         # back to float32: log, mean, exp
+  Here p = exp(x_t - max x) / sum exp(x - max x) in float32, rounded to bfloat16 (to
+  nearest even), and nll = -log(p) in float32; `record_nll` sums, the caller divides.
+  """
+  if check_logprob_dtype(logprob_dtype) == "float32":
+    ce, _, weights = token_losses(logits, batch)
+    return ce, weights
+  x = logits[:, :-1].astype(jnp.float32)
+  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  targets = batch["input_ids"][:, 1:]
+  p = jnp.take_along_axis(e, targets[..., None], axis=-1)[..., 0] / jnp.sum(e, axis=-1)
+  ce = -jnp.log(p.astype(jnp.bfloat16).astype(jnp.float32))
+  return ce, batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
 def record_nll(logits, batch: Mapping[str, Any], logprob_dtype: str = "float32"):
   """Per-row summed NLL of the target tokens and their number, both float32 [B].
 
   Token t is predicted from tokens < t and counts where `loss_mask[t]` is 1 (as in
-  training: `vlm_jax.train.step.token_losses`). With logprob_dtype "float32" the
-  log-softmax runs in float32; "bfloat16" emulates the reference script (logits cast to
-  bfloat16, log-softmax in bfloat16; see the module docstring).
+  training); `token_nll` gives each mode's rule. A non-target position never reaches the
+  sum (a probability that underflows to 0 there gives inf, which must not become NaN).
   """
-  if check_logprob_dtype(logprob_dtype) == "float32":
-    ce, _, weights = token_losses(logits, batch)
-  else:
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.bfloat16), axis=-1)
-    targets = batch["input_ids"][:, 1:]
-    ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
-    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  return jnp.sum(ce * weights, axis=-1), jnp.sum(weights, axis=-1)
+  ce, weights = token_nll(logits, batch, logprob_dtype)
+  return jnp.sum(jnp.where(weights > 0, ce, 0.0) * weights, axis=-1), jnp.sum(weights, axis=-1)
 
 
 @functools.lru_cache(maxsize=16)

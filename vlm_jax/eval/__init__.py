@@ -7,11 +7,14 @@ from vlm_jax.eval.metrics import (
     cider_d,
     cider_d_scores,
     mean_perplexity,
+    mean_vqa_accuracy,
     normalize_answer,
     perplexity,
     tokenize,
+    vqa_accuracy,
     vqa_accuracy_by_type,
     vqa_exact_match,
+    vqa_exact_match_by_type,
 )
 
 __all__ = [
@@ -21,9 +24,12 @@ __all__ = [
     "cider_d",
     "cider_d_scores",
     "mean_perplexity",
+    "mean_vqa_accuracy",
     "normalize_answer",
     "perplexity",
     "tokenize",
+    "vqa_accuracy",
     "vqa_accuracy_by_type",
     "vqa_exact_match",
+    "vqa_exact_match_by_type",
 ]

@@ -3,8 +3,9 @@
 Each record (the schema of `vlm_jax.data.schema`, e.g. a shapes-world test
 record) is rendered exactly as in training and cut before its first target
 token: that prefix is the prompt, and the record's answer (meta `answer`, or
-the caption) the reference. Prompts are left-padded into batches and decoded
-greedily with the KV cache.
+the caption) the reference; a VQA record may also list its human answers
+(meta `answers`), which switches its score to the official VQA accuracy.
+Prompts are left-padded into batches and decoded greedily with the KV cache.
 """
 
 import json
@@ -86,13 +87,54 @@ class Generator:
     return texts
 
 
+def human_answers_of(meta: dict) -> Optional[list[str]]:
+  """A record's human answers, from meta "answers" (strings or VQA-style {"answer": ...}), if 2 or more.
+
+  None otherwise: one reference is scored by exact match, since the official
+  leave-one-out rule gives a lone answer nothing to match.
+  """
+  answers = meta.get("answers")
+  if not isinstance(answers, (list, tuple)):
+    return None
+  answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
+  return [str(a) for a in answers] if len(answers) >= 2 else None
+
+
 def evaluate_vqa(generator: Generator, records, prefix: str = "vqa") -> dict:
-  """Exact match after VQA normalisation, overall and per `meta.qtype`."""
+  """VQA scores in [0, 1], overall and per `meta.qtype`.
+
+  Each record is scored by the metric its data supports: the official VQA
+  accuracy (`metrics.vqa_accuracy`) when its meta lists human answers (the
+  10 of VQA v2, see `human_answers_of`), else exact match after the official
+  answer processing (`metrics.vqa_exact_match`; the shapes world, one
+  reference). Keys:
+    "<prefix> acc", "<prefix>/<qtype> acc": the mean of those per-record
+      scores (shapes world: exact match; VQA v2: official accuracy);
+    "<prefix> official acc": official accuracy over the records with human
+      answers, present only when there are such records;
+    "<prefix> exact match acc": exact match over the other records, present
+      only when the set mixes both kinds.
+  """
   preds, refs, metas = generator(records)
+  if not preds:
+    raise ValueError("no records to evaluate")
   types = [m.get("qtype", "all") for m in metas]
-  out = {f"{prefix} acc": metrics.vqa_exact_match(preds, refs)}
+  humans = [human_answers_of(m) for m in metas]
+  official = [i for i, h in enumerate(humans) if h is not None]
+  exact = [i for i, h in enumerate(humans) if h is None]
+  scores = np.zeros(len(preds))
+  for i in official:
+    scores[i] = metrics.vqa_accuracy(preds[i], humans[i])
+  if exact:
+    scores[exact] = [metrics.vqa_exact_match([preds[i]], [refs[i]]) for i in exact]
+  out = {f"{prefix} acc": float(scores.mean())}
+  if official:
+    out[f"{prefix} official acc"] = float(scores[official].mean())
+    if exact:
+      out[f"{prefix} exact match acc"] = float(scores[exact].mean())
   if len(set(types)) > 1:
-    out.update({f"{prefix}/{t} acc": v for t, v in metrics.vqa_accuracy_by_type(preds, refs, types).items()})
+    for t in sorted(set(types), key=str):
+      out[f"{prefix}/{t} acc"] = float(np.mean([v for v, u in zip(scores, types) if u == t]))
   return out
 
 

@@ -1,11 +1,13 @@
-"""Evaluation metrics: VQA exact match, BLEU-4, CIDEr-D, accuracy and perplexity.
+"""Evaluation metrics: VQA accuracy and exact match, BLEU-4, CIDEr-D, accuracy, perplexity.
 
 Pure NumPy / Python; nothing here needs JAX (JAX arrays are accepted wherever
 NumPy arrays are, through `np.asarray`).
 
-VQA answers are normalised as the official VQA evaluation script (vqaEval.py)
-does; BLEU and CIDEr-D follow Papineni et al. (2002) and Vedantam et al. (2015)
-with the conventions of the COCO caption evaluation code (see each function).
+`vqa_accuracy` is the official VQA accuracy (the VQA API's vqaEval.py, rule for
+rule); `vqa_exact_match` is plain exact match after the same answer processing,
+for data with one right answer per question. BLEU and CIDEr-D follow Papineni
+et al. (2002) and Vedantam et al. (2015) with the conventions of the COCO
+caption evaluation code (see each function).
 Captions are tokenised by `tokenize` (lower case, words of letters / digits
 with inner apostrophes; punctuation dropped) instead of the Stanford PTB
 tokenizer the COCO tools run, so scores on real data can differ slightly from
@@ -24,68 +26,120 @@ import numpy as np
 Reference = Union[str, Sequence[str]]
 
 # ---------------------------------------------------------------------------
-# VQA answer normalisation (official vqaEval.py rules).
+# VQA: the official answer processing, official accuracy and exact match.
+#
+# Source of every table and rule below: the VQA API, GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py (commit a013f00, "Fixed
+# processing answers bug", 2021): VQAEval.evaluate, processPunctuation,
+# processDigitArticle. That script is Python 2; where Python 3 would read it
+# differently (regex digit classes), we keep the Python 2 meaning.
 # ---------------------------------------------------------------------------
 
-# Punctuation the official script handles one character at a time ("." and
-# "'" are not in it: "." has its own rule below, "'" is kept for contractions).
+# The official `punct` list, handled one mark at a time in this order. "." is
+# not in it (it has its own rule, `_VQA_PERIOD_STRIP`) and neither is "'"
+# (kept, so contractions survive).
 _VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
               "@", "`", ",", "?", "!")
-# A comma between digits ("1,000"): its presence switches every punctuation mark
-# to deletion rather than replacement by a space, as in the official script.
-_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
-# The official pattern is r"(?!<=\d)(\.)(?!\d)"; its first group is a (buggy)
-# look-ahead that always succeeds, so it removes every "." not followed by a
-# digit: "2.5" keeps its point, "two." and "2." lose theirs. Same behaviour here.
-_PERIOD_STRIP = re.compile(r"\.(?!\d)")
+# Official `commaStrip` r"(\d)(\,)(\d)": a comma between digits ("1,000") anywhere
+# in the answer switches every mark to deletion. Python 2's `\d` (no re.UNICODE
+# flag) is ASCII [0-9], hence the explicit class.
+_VQA_COMMA_BETWEEN_DIGITS = re.compile(r"[0-9],[0-9]")
+# Official `periodStrip` r"(?!<=\d)(\.)(?!\d)": its first group is a mistyped
+# look-behind, a look-ahead for "<=digit" that cannot hold where a "." stands,
+# so it removes every "." not followed by a digit ("2.5" keeps its point, "2."
+# loses it). The script passes re.UNICODE (= 32) where `sub` takes its `count`,
+# so at most the first 32 such periods go; we keep that limit.
+_VQA_PERIOD_STRIP = re.compile(r"\.(?![0-9])")
+_VQA_PERIOD_STRIP_COUNT = 32
+# Official `manualMap` and `articles`.
 _NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 _ARTICLES = frozenset({"a", "an", "the"})
-# A subset of the official table: the apostrophe-less spelling maps to the usual one.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't",
-    "couldve": "could've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
-    "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "hes": "he's", "im": "i'm",
-    "isnt": "isn't", "itd": "it'd", "itll": "it'll", "ive": "i've", "lets": "let's",
-    "shes": "she's", "shouldnt": "shouldn't", "thats": "that's", "theres": "there's",
-    "theyre": "they're", "wasnt": "wasn't", "werent": "weren't", "whats": "what's",
-    "wheres": "where's", "whos": "who's", "wont": "won't", "wouldnt": "wouldn't",
-    "youre": "you're", "youve": "you've",
+# The official `contractions` table, less the entries that can never fire:
+# words are lower-cased before the look-up, so its capitalised keys "Id've",
+# "I'dve", "Im", "Ive" never match ("im", "ive" stay as they are), and
+# "let's" / "she's" map to themselves ("lets" is therefore left alone too).
+# Kept verbatim otherwise, including the reversed "somebody'd" -> "somebodyd".
+_VQA_CONTRACTIONS = {
+    "'ow'sat": "'ow's'at", "'ows'at": "'ow's'at", "aint": "ain't", "arent": "aren't",
+    "cant": "can't", "couldn'tve": "couldn't've", "couldnt": "couldn't",
+    "couldnt've": "couldn't've", "couldve": "could've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadn'tve": "hadn't've", "hadnt": "hadn't", "hadnt've": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "he'dve": "he'd've", "hed": "he'd", "hed've": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "isnt": "isn't",
+    "it'dve": "it'd've", "itd": "it'd", "itd've": "it'd've", "itll": "it'll", "maam": "ma'am",
+    "mightn'tve": "mightn't've", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
+    "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
+    "shant": "shan't", "she'dve": "she'd've", "shed've": "she'd've", "shouldn'tve": "shouldn't've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldve": "should've",
+    "somebody'd": "somebodyd", "somebody'dve": "somebody'd've", "somebodyd've": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someone'dve": "someone'd've",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "something'dve": "something'd've", "somethingd": "something'd",
+    "somethingd've": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "there'dve": "there'd've", "thered": "there'd", "thered've": "there'd've",
+    "therere": "there're", "theres": "there's", "they'dve": "they'd've", "theyd": "they'd",
+    "theyd've": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "we'dve": "we'd've", "wed've": "we'd've",
+    "werent": "weren't", "weve": "we've", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "who'dve": "who'd've", "whod": "who'd",
+    "whod've": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldn'tve": "wouldn't've",
+    "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldve": "would've",
+    "y'all'dve": "y'all'd've", "y'alld've": "y'all'd've", "y'allll": "y'all'll", "yall": "y'all",
+    "yall'd've": "y'all'd've", "yall'll": "y'all'll", "you'dve": "you'd've", "youd": "you'd",
+    "youd've": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
 
 
-def normalize_answer(s: str) -> str:
-  """Normalise a VQA answer as the official VQAv2 evaluation does.
+def _vqa_clean_whitespace(s: str) -> str:
+  """The official first step for every answer: newlines/tabs to spaces, then strip."""
+  return str(s).replace("\n", " ").replace("\t", " ").strip()
 
-  In order: newlines/tabs become spaces; each punctuation mark in the official
-  list is deleted when it touches a space (or when the answer has a comma
-  between digits, "1,000" -> "1000") and replaced by a space otherwise
-  ("red-blue" -> "red blue"); a "." not followed by a digit is deleted ("2.5"
-  stays); then, word by word in lower case, number words "none"/"zero".."ten"
-  become digits, the articles a/an/the are dropped and apostrophe-less
-  contractions get their apostrophe ("dont" -> "don't"); whitespace collapses.
 
-  >>> normalize_answer("Two."), normalize_answer("the red circle"), normalize_answer("Yes!")
-  ('2', 'red circle', 'yes')
+def _vqa_process_punctuation(text: str) -> str:
+  """Official `processPunctuation`: marks deleted or spaced out, then periods stripped.
+
+  Each mark is deleted when the *original* text has it touching a space or has
+  a comma between digits, and replaced by a space otherwise ("red-blue" ->
+  "red blue", "red - blue" -> "red  blue", "1,000" -> "1000").
   """
-  text = str(s).replace("\n", " ").replace("\t", " ").strip()
   out = text
-  delete_all = _COMMA_BETWEEN_DIGITS.search(text) is not None
+  delete_all = _VQA_COMMA_BETWEEN_DIGITS.search(text) is not None
   for p in _VQA_PUNCT:
-    # The official script tests the *original* text for each mark, then edits the running copy.
     if delete_all or (p + " " in text) or (" " + p in text):
       out = out.replace(p, "")
     else:
       out = out.replace(p, " ")
-  out = _PERIOD_STRIP.sub("", out)
+  return _VQA_PERIOD_STRIP.sub("", out, count=_VQA_PERIOD_STRIP_COUNT)
+
+
+def _vqa_process_digit_article(text: str) -> str:
+  """Official `processDigitArticle`: lower case, number words to digits, articles out, contractions."""
   words = []
-  for word in out.lower().split():
+  for word in text.lower().split():
     word = _NUMBER_WORDS.get(word, word)
     if word not in _ARTICLES:
-      words.append(_CONTRACTIONS.get(word, word))
+      words.append(_VQA_CONTRACTIONS.get(word, word))
   return " ".join(words)
+
+
+def normalize_answer(s: str) -> str:
+  """The official VQA answer processing, applied unconditionally (used by exact match).
+
+  Whitespace cleanup, then `processPunctuation`, then `processDigitArticle`,
+  with the official tables. Note the official *accuracy* (`vqa_accuracy`)
+  runs the last two steps only when the human answers disagree; this
+  function always runs them, which is what exact match wants.
+
+  >>> normalize_answer("Two."), normalize_answer("the red circle"), normalize_answer("3 oclock")
+  ('2', 'red circle', "3 o'clock")
+  """
+  return _vqa_process_digit_article(_vqa_process_punctuation(_vqa_clean_whitespace(s)))
 
 
 def _as_reference_list(ref: Reference) -> list[str]:
@@ -104,35 +158,95 @@ def _check_lengths(name_a: str, a: Sequence, name_b: str, b: Sequence) -> None:
     raise ValueError(f"{name_a} is empty")
 
 
-def _vqa_matches(predictions: Sequence[str], references: Sequence[Reference]) -> list[bool]:
+def _by_type(scores: Sequence[float], types: Sequence[str]) -> dict[str, float]:
+  if len(types) != len(scores):
+    raise ValueError(f"types has {len(types)} entries, predictions {len(scores)}")
+  groups: dict[str, list[float]] = {}
+  for t, v in zip(types, scores):
+    groups.setdefault(t, []).append(v)
+  return {t: float(np.mean(groups[t])) for t in sorted(groups, key=str)}
+
+
+def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+  """Official VQA accuracy of one answer (VQAEval.evaluate), in [0, 1].
+
+  `human_answers`: the question's human answers (10 in VQA v1/v2). All
+  answers are whitespace-cleaned; only if the human answers then differ
+  (as raw strings, case included) are the prediction and every human answer
+  run through the punctuation and digit/article processing, otherwise they
+  are compared as they are (so "Yes" scores 0 against ten "yes"). The score
+  averages, over the leave-one-out subsets (human i left out),
+  min(#other humans equal to the prediction / 3, 1): with 10 answers, 1, 2,
+  3, >=4 matching humans give 0.3, 0.6, 0.9, 1.0.
+
+  One human answer cannot score under this rule (its subset is empty), so
+  fewer than two raise; score one-reference data with `vqa_exact_match`.
+  """
+  if isinstance(human_answers, str):
+    raise TypeError("human_answers must be a sequence of answer strings, not one string")
+  humans = [_vqa_clean_whitespace(a) for a in human_answers]
+  if len(humans) < 2:
+    raise ValueError(f"vqa_accuracy needs at least 2 human answers, got {len(humans)}; "
+                     "use vqa_exact_match for one reference")
+  pred = _vqa_clean_whitespace(prediction)
+  if len(set(humans)) > 1:
+    humans = [_vqa_process_digit_article(_vqa_process_punctuation(a)) for a in humans]
+    pred = _vqa_process_digit_article(_vqa_process_punctuation(pred))
+  matches = [a == pred for a in humans]
+  total = sum(matches)
+  # Same order of float operations as the official script, so scores agree bit for bit.
+  per_subset = [min(1.0, float(total - m) / 3) for m in matches]
+  return float(sum(per_subset)) / len(per_subset)
+
+
+def _vqa_accuracies(predictions: Sequence[str], human_answers: Sequence[Sequence[str]]) -> list[float]:
+  _check_lengths("predictions", predictions, "human_answers", human_answers)
+  return [vqa_accuracy(p, h) for p, h in zip(predictions, human_answers)]
+
+
+def mean_vqa_accuracy(predictions: Sequence[str], human_answers: Sequence[Sequence[str]]) -> float:
+  """Official VQA accuracy of a set (the script's "overall"), as a fraction in [0, 1].
+
+  The script reports round(100 * this, 2); `human_answers[i]` lists question
+  i's human answers.
+  """
+  return float(np.mean(_vqa_accuracies(predictions, human_answers)))
+
+
+def vqa_accuracy_by_type(predictions: Sequence[str], human_answers: Sequence[Sequence[str]],
+                         types: Sequence[str]) -> dict[str, float]:
+  """`mean_vqa_accuracy` within each type: {type: fraction in [0, 1]}, keys sorted.
+
+  Pass question types for the script's "perQuestionType", answer types for
+  its "perAnswerType".
+  """
+  return _by_type(_vqa_accuracies(predictions, human_answers), types)
+
+
+def _vqa_matches(predictions: Sequence[str], references: Sequence[Reference]) -> list[float]:
   _check_lengths("predictions", predictions, "references", references)
   matches = []
   for pred, ref in zip(predictions, references):
     accepted = {normalize_answer(r) for r in _as_reference_list(ref)}
-    matches.append(normalize_answer(pred) in accepted)
+    matches.append(float(normalize_answer(pred) in accepted))
   return matches
 
 
 def vqa_exact_match(predictions: Sequence[str], references: Sequence[Reference]) -> float:
   """Fraction (in [0, 1]) of predictions equal, after `normalize_answer`, to a reference.
 
-  Each reference is one acceptable answer (a string) or several (a sequence of
-  strings; any one of them counts). This is exact match, not the VQAv2
-  "min(#humans / 3, 1)" consensus accuracy.
+  For data with one right answer per question (the shapes world). Each
+  reference is one acceptable answer (a string) or several (a sequence; any
+  one counts). Not the official VQA accuracy (`vqa_accuracy`), which weighs
+  how many of the human answers agree.
   """
   return float(np.mean(_vqa_matches(predictions, references)))
 
 
-def vqa_accuracy_by_type(preds: Sequence[str], refs: Sequence[Reference],
-                         types: Sequence[str]) -> dict[str, float]:
+def vqa_exact_match_by_type(preds: Sequence[str], refs: Sequence[Reference],
+                            types: Sequence[str]) -> dict[str, float]:
   """`vqa_exact_match` within each question type: {type: fraction in [0, 1]}, keys sorted."""
-  matches = _vqa_matches(preds, refs)
-  if len(types) != len(matches):
-    raise ValueError(f"types has {len(types)} entries, predictions {len(matches)}")
-  by_type: dict[str, list[bool]] = {}
-  for t, m in zip(types, matches):
-    by_type.setdefault(t, []).append(m)
-  return {t: float(np.mean(by_type[t])) for t in sorted(by_type, key=str)}
+  return _by_type(_vqa_matches(preds, refs), types)
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import ml_collections
 
 from vlm_jax import report
 from vlm_jax.data import schema
+from vlm_jax.data.inputs import make_data
 from vlm_jax.interop import to_hf
 from vlm_jax.models.build import build_model, model_config
 from vlm_jax.models.params import abstract_params
@@ -31,7 +32,7 @@ from vlm_jax.sparsity import repair as repair_lib
 from vlm_jax.sparsity.prune import prune as prune_model
 from vlm_jax.train import init_from
 from vlm_jax.train.checkpoint import save_params
-from vlm_jax.train.loop import make_data, train
+from vlm_jax.train.loop import train
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from vlm_jax.data import pipeline, schema
-from vlm_jax.data.synthetic import SyntheticBatches
-from vlm_jax.report import print_rows
+from vlm_jax.data import schema
+from vlm_jax.data.inputs import make_data
 from vlm_jax.parallel.distributed import any_process, global_batch
+from vlm_jax.report import print_rows
 from vlm_jax.train import init_from
 from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.extension import PLAIN, TrainExtension
@@ -36,24 +36,6 @@ log = logging.getLogger(__name__)
 
 class Preempted(Exception):
   """Raised inside the loop when SIGTERM arrived; the loop saves and returns."""
-
-
-# ----------------------------------------------------------------------------- data
-
-def make_data(config, model: nn.Module):
-  data = config.data
-  if data.get("source", "pipeline") == "synthetic":
-    c = model.config
-    vision = getattr(c, "vision", None)
-    return SyntheticBatches(
-        global_batch=data.global_batch_size, seq_len=data.seq_len,
-        vocab_size=getattr(c, "text", c).vocab_size, seed=config.seed,
-        image_size=vision.image_size if vision else 0,
-        tokens_per_image=c.tokens_per_image if vision else 0,
-        image_token_id=c.image_token_id if vision else -1,
-        images_per_row=data.get("images_per_row", 1), repeat_first=data.get("repeat_first", False),
-        process_index=jax.process_index(), process_count=jax.process_count())
-  return pipeline.from_config(data, model.config, seed=config.seed)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
