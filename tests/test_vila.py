@@ -73,3 +73,36 @@ def test_without_pretraining_everything_trains_from_scratch():
   assert [tuple(g) for g in config.stages.stage2.groups] == [(".*", 1.0)]
   steps = {n: round(config.total_steps * config.stages[n].fraction) for n in config.stage_order}
   assert steps == {n: shapes_vila.STEPS[n] for n in config.stage_order}
+
+
+def test_preemption_in_a_stage_stops_the_job_and_the_rerun_finishes_it(tmp_path, monkeypatch):
+  """SIGTERM in stage 1: nothing after it runs (no stage 2 on a partial stage 1, no eval.json);
+  the same call again finishes stage 1 and then trains stage 2 from its last step."""
+  import pytest
+  from vlm_jax.train.loop import Preempted
+  config = shapes_vila.get_config("quick=True,pretrain=False")
+  with config.unlocked():
+    config.progress = False
+    config.eval.tasks = ["vqa"]
+    config.eval.num = 4
+  real = vila.stage_config
+
+  def preempting(config, name, *args, **kwargs):
+    c = real(config, name, *args, **kwargs)
+    if name == "stage1":
+      with c.unlocked():
+        c.debug.preempt_at_step = 3  # once per workdir (a marker file), so the rerun goes on
+    return c
+
+  monkeypatch.setattr(vila, "stage_config", preempting)
+  with pytest.raises(Preempted, match="stage1: preempted: saved step 3"):
+    vila.run(config, str(tmp_path))
+  assert not (tmp_path / "stage2").exists() and not (tmp_path / "eval.json").exists()
+
+  rows = vila.run(config, str(tmp_path))
+  from vlm_jax.train.checkpoint import Checkpointer
+  stage1_steps = int(rows[1]["steps"])
+  assert Checkpointer(str(tmp_path / "stage1" / "checkpoints")).steps()[-1] == stage1_steps > 3
+  first = json.loads(open(tmp_path / "stage2" / "metrics.jsonl").readline())
+  assert first["step"] == 1 and rows[-1]["stage"] == "stage2"
+  assert json.load(open(tmp_path / "eval.json"))[-1]["stage"] == "stage2"

@@ -32,17 +32,14 @@ class ViTConfig:
   norm_eps: float = 1e-5
   use_head: bool = False  # SigLIP attention-pooling head
   # Channels of stride-2 3x3 convolutions run before the patch embedding (the
-  # "early convolutions" of Xiao et al. 2021): a from-scratch tower learns
-  # shapes sooner with them (README, the main job).
-  # Not in any Hugging Face tower; () is a plain ViT.
+  # "early convolutions" of Xiao et al. 2021). Not in any Hugging Face tower;
+  # () is a plain ViT.
   stem: tuple[int, ...] = ()
   # How `pooled` (the image embedding of a contrastive model) is made: "default"
   # is the reference's (CLIP: the class token; SigLIP: the head, or the mean);
   # "mean_max" concatenates the mean and the max of the last block's patch
-  # tokens ([n, 2 * width]). Max pooling lets a small object decide the
-  # embedding, and every patch token gets a gradient: the shapes world's tower
-  # learns shape from single-object captions with it (README), not with the
-  # class token. Not in any Hugging Face tower.
+  # tokens ([n, 2 * width]): a small object can decide the embedding, and every
+  # patch token gets a gradient. Not in any Hugging Face tower.
   pool: str = "default"
   dtype: str = "float32"
   param_dtype: str = "float32"

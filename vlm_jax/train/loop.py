@@ -35,7 +35,17 @@ log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
-  """Raised inside the loop when SIGTERM arrived; the loop saves and returns."""
+  """SIGTERM arrived. Inside `train` it is caught: the loop saves and returns a summary
+  whose status says so. A job that chains runs raises it again (`stop_if_preempted`)
+  so that nothing after the cut short run happens; `launch.main` exits 0 on it, and
+  rerunning the same command resumes."""
+
+
+def stop_if_preempted(summary: dict) -> dict:
+  """`summary` of a finished run; raises Preempted when the run was cut short."""
+  if summary["status"] != "finished":
+    raise Preempted(f"{summary['workdir']}: {summary['status']}; run the same command again to continue")
+  return summary
 
 
 # ----------------------------------------------------------------------------- bookkeeping
