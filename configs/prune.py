@@ -11,9 +11,12 @@ Writes into <workdir>: the pruned parameters as an Orbax run (`init=checkpoint:<
 evaluates or trains them), `masks/` with `mask_paths.json` (what `configs/repair.py` takes),
 `sparsity.json`, and a Hugging Face folder (zeros kept) with `export_hf=<folder>`.
 
-Arguments: method (magnitude | wanda | sparsegpt), pattern (row | matrix | N:M), vision,
-projector, lm (per-tower ratios), rows (calibration rows), model (a preset name, or
-`shapes_vila` for the main job's model; empty for `init=hf:` where the folder says).
+Arguments: method (magnitude | wanda | sparsegpt), pattern (row | matrix | variant | N:M;
+empty, the default: the method's reference rule, `sparsity.DEFAULT_PATTERN`: magnitude
+`matrix`, wanda `row`, sparsegpt its per-block rule; `variant` is Wanda's variant, the
+reference's --use_variant, Wanda only), vision, projector, lm (per-tower ratios), rows
+(calibration rows), model (a preset name, or `shapes_vila` for the main job's model;
+empty for `init=hf:` where the folder says).
 Per-layer overrides: `--config.prune.overrides="(('lm/layers_0/.*', 0.3),)"`.
 """
 
@@ -33,7 +36,8 @@ def model_block(name: str):
   return models.preset(name)
 
 
-def prune_block(method="wanda", pattern="row", vision=0.5, projector=0.0, lm=0.5) -> ml_collections.ConfigDict:
+def prune_block(method="wanda", pattern="", vision=0.5, projector=0.0, lm=0.5) -> ml_collections.ConfigDict:
+  """`pattern=""`: the method's reference rule (`sparsity.prune` with pattern None)."""
   return ml_collections.ConfigDict(dict(
       method=method, pattern=pattern, ratios=dict(vision=vision, projector=projector, lm=lm),
       overrides=[], include=[]))
@@ -48,7 +52,7 @@ def data_block(source: str, data_dir: str, tokenizer: str, batch: int = 16, seq_
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, init="", model="", method="wanda", pattern="row", vision=0.5, projector=0.0,
+  a = common.parse_arg(arg, init="", model="", method="wanda", pattern="", vision=0.5, projector=0.0,
                        lm=0.5, rows=128, source="", data_dir="", tokenizer="", export_hf="")
   c = default_config()
   c.job = "prune"

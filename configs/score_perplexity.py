@@ -46,9 +46,10 @@ shapes_vila.py model, or "hf" = from the init folder), init ("scratch" | "hf:<fo
 init folder for hf), batch (global batch size), seq_len, prompt, keep_fraction, threshold.
 The prompt (default "please generate a caption for this image.") goes after the image of
 caption records; change it with --config.prompt='...' (a comma does not fit in the arg).
-Keys beyond the arguments: logprob_dtype ("float32"; "points_reference" reproduces the official
-POINTS filter, target probabilities rounded to bfloat16: `vlm_jax.curation.perplexity.token_nll`), max_batches (stop after N batches; 0 = all), progress, filter.{scores,
-output_dir, tails, bins}.
+Keys beyond the arguments: logprob_dtype ("float32"; "points_reference" reproduces the
+official POINTS filter, target probabilities rounded to bfloat16:
+`vlm_jax.curation.perplexity.token_nll`), max_batches (stop after N batches; 0 = all),
+progress, filter.{scores, output_dir, tails, bins}.
 """
 
 import ml_collections

@@ -68,11 +68,11 @@ def main(argv):
   name = config.get("job", "train")
   if name not in JOBS:
     sys.exit(f"unknown job {name!r} in the config; known jobs: {sorted(JOBS)}")
-  from vlm_jax.train.loop import Preempted
+  from vlm_jax.train.loop import RunStopped
   try:
     JOBS[name](config, _WORKDIR.value)
-  except Preempted as e:  # saved; nothing after the cut-short run ran
-    logging.warning("preempted: %s", e)
+  except RunStopped as e:  # saved; nothing after the cut-short run ran
+    logging.warning("stopped early: %s", e)
 
 
 if __name__ == "__main__":

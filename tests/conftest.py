@@ -7,3 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+pytest_plugins = ["tests.test_train"]  # its `straight_run` fixture (one uninterrupted run) serves test_faults too

@@ -15,6 +15,11 @@ METHODS §4. It uses only torch and transformers (never vlm_jax) and works on a 
   magnitude prunes every |W| <= the sorted value at index int(numel * s) of the whole matrix
   (that is int(numel * s) + 1 weights when there are no ties, as in the reference).
 - N:M: in every group of M consecutive input columns, the N lowest scores of each row are pruned.
+- Wanda's variant (`use_variant`, the reference's `--use_variant`): per row, the sorted scores'
+  cumulative sums; for one alpha per matrix, each row prunes every score <= its largest sorted
+  score whose cumulative sum is <= alpha * the row's total (`return_given_alpha`); alpha is
+  bisected from 0.4 within [0, 0.8] until the whole matrix's sparsity is within 0.001 of the
+  target or the bounds are less than 0.001 apart.
 
 Masks are True where a weight is pruned; pruned weights are set to zero in place.
 """
@@ -57,10 +62,42 @@ def nm_mask(score: torch.Tensor, prune_n: int, prune_m: int) -> torch.Tensor:
   return mask
 
 
-def wanda_mask(weight, scaler_row, sparsity, prune_n=0, prune_m=0) -> torch.Tensor:
+def return_given_alpha(alpha, sort_res, W_metric, tmp_metric, sum_before):
+  """(pruned mask, sparsity of the whole matrix) for one alpha, as the reference computes them."""
+  thres_cumsum = sum_before * alpha
+  sort_mask = tmp_metric <= thres_cumsum.reshape((-1, 1))
+  thres = torch.gather(sort_res[0], dim=1, index=sort_mask.sum(dim=1, keepdims=True) - 1)
+  W_mask = (W_metric <= thres)
+  cur_sparsity = (W_mask == True).sum() / W_mask.numel()  # noqa: E712 (as the reference)
+  return W_mask, cur_sparsity
+
+
+def variant_mask(score, sparsity) -> torch.Tensor:
+  """Wanda's variant: alpha bisected so that the matrix is `sparsity`-sparse (to 0.001)."""
+  sort_res = torch.sort(score, dim=-1, stable=True)
+  tmp_metric = torch.cumsum(sort_res[0], dim=1)
+  sum_before = score.sum(dim=1)
+  alpha = 0.4
+  alpha_hist = [0., 0.8]
+  W_mask, cur_sparsity = return_given_alpha(alpha, sort_res, score, tmp_metric, sum_before)
+  while (torch.abs(cur_sparsity - sparsity) > 0.001) and (alpha_hist[1] - alpha_hist[0] >= 0.001):
+    if cur_sparsity > sparsity:
+      alpha_new = (alpha + alpha_hist[0]) / 2.0
+      alpha_hist[1] = alpha
+    else:
+      alpha_new = (alpha + alpha_hist[1]) / 2.0
+      alpha_hist[0] = alpha
+    alpha = alpha_new
+    W_mask, cur_sparsity = return_given_alpha(alpha, sort_res, score, tmp_metric, sum_before)
+  return W_mask
+
+
+def wanda_mask(weight, scaler_row, sparsity, prune_n=0, prune_m=0, use_variant=False) -> torch.Tensor:
   score = weight.abs() * torch.sqrt(scaler_row.reshape(1, -1))
   if prune_n != 0:
     return nm_mask(score, prune_n, prune_m)
+  if use_variant:
+    return variant_mask(score, sparsity)
   mask = torch.zeros_like(score, dtype=torch.bool)
   order = torch.sort(score, dim=-1, stable=True)[1]
   mask.scatter_(1, order[:, :int(score.shape[1] * sparsity)], True)
@@ -152,11 +189,12 @@ def collect_scaler_rows(layer, inps, kwargs, prefix="") -> dict[str, torch.Tenso
 # The procedure.
 
 
-def reference_prune(model, calib_ids, method, sparsity=0.5, prune_n=0, prune_m=0) -> dict[str, torch.Tensor]:
+def reference_prune(model, calib_ids, method, sparsity=0.5, prune_n=0, prune_m=0,
+                    use_variant=False) -> dict[str, torch.Tensor]:
   """Prunes `model` (a transformers LlamaForCausalLM, float32) in place and returns the masks.
 
   calib_ids: LongTensor [nsamples, seqlen] of calibration tokens (no padding).
-  method: "wanda" | "magnitude".
+  method: "wanda" | "magnitude"; use_variant: Wanda's variant (unstructured Wanda only).
   Returns {module name, e.g. "model.layers.0.self_attn.q_proj": BoolTensor [out, in], True = PRUNED}
   for every nn.Linear inside model.model.layers (lm_head and embeddings are not pruned).
   """
@@ -178,7 +216,7 @@ def reference_prune(model, calib_ids, method, sparsity=0.5, prune_n=0, prune_m=0
     scaler_rows = collect_scaler_rows(layer, inps, kwargs, prefix)  # dense layer i
     with torch.no_grad():
       for name, lin in linears(layer, prefix).items():
-        masks[name] = wanda_mask(lin.weight.data, scaler_rows[name], sparsity, prune_n, prune_m)
+        masks[name] = wanda_mask(lin.weight.data, scaler_rows[name], sparsity, prune_n, prune_m, use_variant)
         lin.weight.data[masks[name]] = 0
     inps = run_layer(layer, inps, kwargs)  # pruned layer i -> inputs of layer i+1
   return masks

@@ -1,6 +1,7 @@
 """Perplexity scoring and filtering (METHODS §2): PPL against a hand computation, only target
-tokens count, float32 vs the reference's bfloat16, exact resume, sharding, the filter and the
-filtered data set read back through the pipeline."""
+tokens count, the "points_reference" mode against a transcription of the official POINTS
+filter (rule and scored span), exact resume, sharding, the filter and the filtered data set
+read back through the pipeline."""
 
 import json
 import math
@@ -11,7 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoTokenizer
 
 from configs import score_perplexity
 from vlm_jax.curation import jobs, scoring
@@ -66,11 +70,48 @@ def straight(world, model_params, tmp_path_factory):
   return workdir, summary, {s["id"]: s for s in ppl.read_scores(os.path.join(workdir, "scores.jsonl"))}
 
 
-def one_record_batches(world, model):
+def one_record_batches(world, model, **overrides):
   """The pipeline's batches of one row each (the scoring data config, batch size 1)."""
-  data = scoring.scoring_data_config(config(world))
+  data = scoring.scoring_data_config(config(world, **overrides))
   data["global_batch_size"] = 1
   return list(pipeline.Pipeline.from_config(data, model=model.config))
+
+
+def reference_softmax(x):
+  """F.softmax(x.float(), dim=-1) as the reference writes it, correctly rounded to float32.
+
+  torch's own CPU float32 softmax approximates exp (up to 3e-5 relative, measured here with
+  torch 2.13 at every ATEN_CPU_CAPABILITY), which alone moves about 1 in 2000 bfloat16
+  roundings: the reference's last digits depend on its torch build, its rule does not.
+  """
+  return F.softmax(x.double(), dim=-1).float()
+
+
+def points_reference(logits, input_ids, first, last, softmax=reference_softmax):
+  """The official POINTS filter on one row, transcribed in torch from WePOINTS/WePOINTS
+  scripts/pretrain_filtering_with_ppl.py (`Qwen2VL.get_output_info`, `_calc_ppl`).
+
+  The row holds the caption and its `<|im_end|>` at first..last and "\\n" at last + 1, as the
+  reference's sequence ends. Returns (the bfloat16 target probabilities, -mean log p, PPL).
+  """
+  all_logits = torch.from_numpy(np.array(logits, np.float32)[None, :last + 2])
+  inputs = torch.from_numpy(np.asarray(input_ids, np.int64)[None, :last + 2])
+  valid_len = last + 2 - first  # caption + <|im_end|> + "\n"
+  output_logits = all_logits[:, -valid_len - 1:-2, :].squeeze(dim=0)
+  input_labels = inputs[:, -valid_len:-1].squeeze(dim=0)
+  output_prob = softmax(output_logits)
+  probs = torch.gather(output_prob, dim=-1, index=input_labels.unsqueeze(dim=-1)).squeeze(
+      dim=-1).to(torch.bfloat16).detach().tolist()
+  output_prob = torch.tensor(probs)  # float32, as `_calc_ppl` builds it
+  mean_nll = -torch.mean(torch.log(output_prob))
+  return probs, mean_nll.item(), torch.exp(mean_nll).item()
+
+
+def bfloat16_logits_nll(logits, batch):
+  """The rule the old "bfloat16" mode claimed as the reference: the log-softmax of bfloat16
+  logits. Per position, [B, L-1], as `ppl.token_nll`."""
+  logp = jax.nn.log_softmax(jnp.asarray(logits)[:, :-1].astype(jnp.bfloat16), axis=-1)
+  return np.asarray(-jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0], np.float32)
 
 
 def log_softmax64(logits):
@@ -110,8 +151,9 @@ def test_ppl_matches_a_numpy_computation_on_the_models_own_logits(world, model_p
 
 
 def test_uniform_next_token_distribution_gives_ppl_equal_to_vocab_size(world, model_params, tmp_path):
-  """lm_head = 0: every next-token distribution is uniform over the 512 ids -> PPL = 512 exactly.
-  The reference's bfloat16 log-softmax cannot even get this right: log 512 rounds to 6.25."""
+  """lm_head = 0: every next-token distribution is uniform over the 512 ids -> PPL = 512 exactly,
+  in float32 and in "points_reference" (1/512 is a bfloat16 number); the old bfloat16-logits
+  rule gave exp(6.25) = 518.0."""
   model, params = model_params
   params = jax.tree.map(np.array, params)
   params["lm"]["lm_head"]["kernel"][:] = 0.0
@@ -122,8 +164,105 @@ def test_uniform_next_token_distribution_gives_ppl_equal_to_vocab_size(world, mo
     assert s["ppl"] == pytest.approx(512.0, rel=1e-6)
   batch = {k: jnp.asarray(v) for k, v in one_record_batches(world, model)[0].items() if k != "id"}
   zeros = jnp.zeros((*batch["input_ids"].shape, 512), jnp.float32)
-  nll_sum, tokens = ppl.record_nll(zeros, batch, "bfloat16")
-  assert math.exp(float(nll_sum[0]) / float(tokens[0])) == pytest.approx(math.exp(6.25), rel=1e-6)
+  nll_sum, tokens = ppl.record_nll(zeros, batch, "points_reference")
+  assert math.exp(float(nll_sum[0]) / float(tokens[0])) == pytest.approx(512.0, rel=1e-6)
+  old = np.sum(bfloat16_logits_nll(zeros, batch)[0] * np.asarray(batch["loss_mask"][0, 1:]))
+  assert math.exp(old / float(tokens[0])) == pytest.approx(math.exp(6.25))
+
+
+def test_points_reference_mode_is_the_official_rule_and_the_bfloat16_logits_rule_is_not():
+  """Random logits over a 32k vocabulary (float16 values, as the reference's float16 model
+  gives), targets from near-certain to unlikely: the same bfloat16 probabilities as the
+  transcription, token by token, their logs to 1 ulp, and the same mean to 1e-6. The old
+  bfloat16-logits rule is off on most tokens, by up to 1e-3 on a record's mean: further than
+  the float32 mode."""
+  rng = np.random.default_rng(0)
+  rows, length, vocab = 4, 48, 32_000
+  ids = rng.integers(3, vocab, (rows, length))
+  logits = rng.normal(0.0, 2.5, (rows, length, vocab)).astype(np.float16).astype(np.float32)
+  r, t = np.meshgrid(np.arange(rows), np.arange(1, length), indexing="ij")
+  logits[r, t - 1, ids[:, 1:]] += rng.uniform(0.0, 18.0, r.shape).astype(np.float16)
+  spans = [(5, 30), (10, 46), (2, 20), (20, 45)]  # (first, last) target; "\n" at last + 1
+  mask = np.zeros((rows, length), np.float32)
+  for b, (first, last) in enumerate(spans):
+    mask[b, first:last + 1] = 1.0
+  batch = {"input_ids": jnp.asarray(ids), "loss_mask": jnp.asarray(mask)}
+  nll, _ = jax.jit(ppl.token_nll, static_argnums=2)(jnp.asarray(logits), batch, "points_reference")  # as scored
+  nll_sum, tokens = (np.asarray(x) for x in ppl.record_nll(jnp.asarray(logits), batch, "points_reference"))
+  f32_sum, _ = ppl.record_nll(jnp.asarray(logits), batch, "float32")
+  old_nll = bfloat16_logits_nll(logits, batch)
+  off = {"old": [], "float32": []}
+  for b, (first, last) in enumerate(spans):
+    probs, mean_nll, _ = points_reference(logits[b], ids[b], first, last)
+    assert tokens[b] == last - first + 1 == len(probs)
+    ours, theirs = np.asarray(nll[b, first - 1:last]), -torch.log(torch.tensor(probs)).numpy()
+    # The same bfloat16 probabilities, bit for bit; the same float32 log, up to the last bit of `log`.
+    np.testing.assert_array_equal(np.exp(-ours).astype(jnp.bfloat16).astype(np.float32), np.float32(probs))
+    np.testing.assert_array_max_ulp(ours, theirs, maxulp=1)
+    assert nll_sum[b] / tokens[b] == pytest.approx(mean_nll, rel=1e-6)
+    old = old_nll[b, first - 1:last]
+    assert np.mean(np.abs(old - theirs) > 1e-3) > 0.5
+    off["old"].append(abs(old.mean() - mean_nll) / mean_nll)
+    off["float32"].append(abs(float(f32_sum[b]) / tokens[b] - mean_nll) / mean_nll)
+    # torch's own CPU softmax, literally: at most one bfloat16 step away, on a few tokens.
+    literal, _, _ = points_reference(logits[b], ids[b], first, last, lambda x: F.softmax(x.float(), dim=-1))
+    ratio = np.asarray(literal) / np.asarray(probs)
+    assert np.abs(ratio - 1).max() <= 2.0 ** -7 and np.mean(ratio == 1) >= 0.9
+  assert max(off["old"]) > 100e-6 and max(off["old"]) > 3 * max(off["float32"])
+
+
+def test_points_reference_scores_the_caption_and_end_of_turn_not_the_newline(world, model_params, tmp_path):
+  """Through the scoring job's own pipeline (its data config and chat template, prompt
+  included), with a chat tokenizer whose EOS is the end-of-turn token `<|im_end|>` (as
+  Qwen2-VL-Instruct's): `loss_mask` marks the caption and `<|im_end|>`, which is what the
+  reference's slices pick from `caption <|im_end|> \\n`; no newline is rendered or scored."""
+  model, _ = model_params
+  tok = AutoTokenizer.from_pretrained(world["tok_dir"])
+  tok.add_special_tokens({"eos_token": "<|im_end|>"})
+  tok.save_pretrained(tmp_path / "chat_tok")
+  im_end, newline = tok.eos_token_id, tok.encode("\n", add_special_tokens=False)
+  prompt = tok.encode(ppl.DEFAULT_PROMPT, add_special_tokens=False)
+  batches = one_record_batches(world, model, logprob_dtype="points_reference",
+                               **{"data.tokenizer": str(tmp_path / "chat_tok")})
+  assert len(batches) == N_RECORDS
+  for batch in batches:
+    ids, mask = batch["input_ids"][0], batch["loss_mask"][0]
+    targets = np.flatnonzero(mask)
+    first, last = int(targets[0]), int(targets[-1])
+    assert list(targets) == list(range(first, last + 1))
+    caption = tok.encode(CAPTIONS[int(str(batch["id"][0])[-2:])], add_special_tokens=False)
+    # The reference: inputs_caption[:, 14:] = caption <|im_end|> \n, labels [-valid_len:-1].
+    tail = caption + [im_end] + newline
+    assert len(newline) == 1 and list(ids[first:last + 1]) == tail[:-1]
+    assert list(ids[first - len(prompt):first]) == prompt  # conditioned on the prompt, not scored
+    assert not batch["attention_mask"][0][last + 1:].any()  # nothing after <|im_end|>
+    logits = jnp.zeros((1, len(ids), len(tok)), jnp.float32)
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
+    assert float(ppl.record_nll(logits, device_batch, "points_reference")[1][0]) == len(caption) + 1
+
+
+def test_points_reference_scoring_run_matches_the_reference_on_the_models_logits(world, model_params, tmp_path):
+  model, params = model_params
+  scoring.score(config(world, logprob_dtype="points_reference"), str(tmp_path), params=params,
+                devices=jax.devices()[:1])
+  scores = {s["id"]: s for s in ppl.read_scores(os.path.join(tmp_path, "scores.jsonl"))}
+  assert list(scores) == world["ids"]
+  apply = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["images"],
+                                           attention_mask=b["attention_mask"], positions=b["positions"]).logits)
+  for batch in one_record_batches(world, model):
+    targets = np.flatnonzero(batch["loss_mask"][0])
+    logits = np.asarray(apply(params, {k: v for k, v in batch.items() if k != "id"}))[0]
+    ids = np.append(batch["input_ids"][0][:targets[-1] + 1], 0)  # the reference's "\n": never scored
+    _, mean_nll, _ = points_reference(logits, ids, targets[0], targets[-1])
+    s = scores[str(batch["id"][0])]
+    assert s["nll"] == pytest.approx(mean_nll, rel=1e-6) and s["tokens"] == len(targets)
+
+
+def test_the_old_bfloat16_mode_is_refused_with_the_new_name(world, tmp_path):
+  with pytest.raises(ValueError, match="points_reference"):
+    ppl.check_logprob_dtype("bfloat16")
+  with pytest.raises(ValueError, match="points_reference"):
+    scoring.score(config(world, logprob_dtype="bfloat16"), str(tmp_path))
 
 
 def test_only_target_positions_count(world, model_params):

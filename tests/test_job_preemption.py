@@ -11,7 +11,7 @@ from tests.test_sparse_training import _lm_and_masks, _train_config
 from vlm_jax.models.params import flat
 from vlm_jax.sparsity import jobs
 from vlm_jax.train.checkpoint import save_params
-from vlm_jax.train.loop import Preempted
+from vlm_jax.train.loop import RunStopped
 
 
 def test_a_preempted_repair_merges_nothing_and_the_rerun_merges_the_finished_run(tmp_path):
@@ -28,7 +28,7 @@ def test_a_preempted_repair_merges_nothing_and_the_rerun_merges_the_finished_run
       c.debug.preempt_at_step = 2
     return c
 
-  with pytest.raises(Preempted, match="saved step 2"):
+  with pytest.raises(RunStopped, match="saved step 2"):
     jobs.repair(config(), str(tmp_path / "run"))
   assert not (tmp_path / "run" / "merged").exists() and not (tmp_path / "run" / "adapters").exists()
 

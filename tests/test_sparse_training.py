@@ -55,6 +55,28 @@ def test_sparselora_merge_is_exactly_as_sparse_and_equals_the_masked_forward():
   np.testing.assert_array_equal(np.asarray(train_logits), np.asarray(export_logits))
 
 
+def test_sparselora_forward_modes_match_hand_computations():
+  """W = [[1, 2], [3, 4]], M keeps the diagonal, A = [[1], [2]], B = [[0.5, 1]], α = 2, r = 1.
+
+  (α/r)·A·B = [[1, 2], [2, 4]]; only the sparse mode keeps M's zeros.
+  """
+  from vlm_jax import peft
+  params = {"w": {"kernel": jnp.asarray([[1.0, 2.0], [3.0, 4.0]])}}
+  masks = {"w": {"kernel": jnp.asarray([[True, False], [False, True]])}}
+  adapters = {"w": {"kernel": {"a": jnp.asarray([[1.0], [2.0]]), "b": jnp.asarray([[0.5, 1.0]])}}}
+  want = {"sparse": [[2.0, 0.0], [0.0, 8.0]],  # (W + ΔW) ⊙ M
+          "non_sparse": [[2.0, 2.0], [2.0, 8.0]],  # W ⊙ M + ΔW
+          "dense": [[2.0, 4.0], [5.0, 8.0]]}  # W + ΔW
+  assert peft.MODES == tuple(want)
+  for mode, kernel in want.items():
+    got = np.asarray(peft.forward_kernels(params, adapters, masks, 2.0, mode)["w"]["kernel"])
+    np.testing.assert_array_equal(got, kernel, err_msg=mode)
+    assert np.array_equal(got == 0, ~np.asarray(masks["w"]["kernel"])) == (mode == "sparse"), mode
+  np.testing.assert_array_equal(np.asarray(peft.merge(params, adapters, masks, 2.0)["w"]["kernel"]), want["sparse"])
+  with pytest.raises(ValueError, match="forward mode"):
+    peft.forward_kernels(params, adapters, masks, 2.0, "masked")
+
+
 def test_kd_loss_matches_a_hand_computation():
   rng = np.random.default_rng(0)
   s, t = rng.normal(size=(2, 5, 7)), rng.normal(size=(2, 5, 7))

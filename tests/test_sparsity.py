@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import vlm_jax
 from vlm_jax import sparsity
@@ -39,10 +40,32 @@ def llama(tmp_path_factory):
 @pytest.mark.parametrize("scan", [False, True])
 def test_masks_equal_the_reference_procedure(llama, method, pattern, sparsity_ratio, n, m, scan):
   """Element for element, on a transformers LLaMA with fixed calibration tokens."""
+  _assert_masks_equal_the_reference(llama, method, pattern, sparsity_ratio, n, m, scan)
+
+
+@pytest.mark.parametrize("sparsity_ratio", [0.5, 0.3])
+@pytest.mark.parametrize("scan", [False, True])
+def test_wanda_variant_masks_equal_the_reference_procedure(llama, sparsity_ratio, scan):
+  """pattern="variant" is the reference's `prune_wanda` with `--use_variant`, element for element."""
+  want = _assert_masks_equal_the_reference(llama, "wanda", "variant", sparsity_ratio, 0, 0, scan, use_variant=True)
+  for name, pruned in want.items():  # adaptive: rows prune different counts, the matrix hits the ratio
+    assert len(set(pruned.sum(dim=1).tolist())) > 1, name
+    assert abs(pruned.float().mean().item() - sparsity_ratio) <= 0.0011, name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_default_pattern_is_the_methods_reference_rule(llama, method):
+  """Without a pattern, magnitude prunes per matrix and Wanda per row, as their references do."""
+  assert sparsity.DEFAULT_PATTERN == {"magnitude": "matrix", "wanda": "row", "sparsegpt": "matrix"}
+  _assert_masks_equal_the_reference(llama, method, None, 0.5, 0, 0, scan=False)
+
+
+def _assert_masks_equal_the_reference(llama, method, pattern, sparsity_ratio, n, m, scan, use_variant=False):
+  """Ours against `sparsity_reference.reference_prune`; returns the reference's masks (True = pruned)."""
   import transformers
   torch_model = transformers.LlamaForCausalLM.from_pretrained(llama).float().eval()
   ids = ref.calibration_ids()
-  want = ref.reference_prune(torch_model, ids, method, sparsity_ratio, n, m)
+  want = ref.reference_prune(torch_model, ids, method, sparsity_ratio, n, m, use_variant)
 
   model, params = vlm_jax.from_hf(llama, scan_layers=scan)
   batches = [{"input_ids": ids[:5].numpy(), "attention_mask": np.ones((5, 16), np.int32)},
@@ -60,6 +83,38 @@ def test_masks_equal_the_reference_procedure(llama, method, pattern, sparsity_ra
   for name, module in ref.linears(torch_model.model.layers, "model.layers").items():
     np.testing.assert_array_equal(np.asarray(flat_pruned[_ours(name)]).T == 0,
                                   module.weight.detach().numpy() == 0, err_msg=name)
+  return want
+
+
+def test_wanda_variant_on_a_hand_made_score_matrix():
+  """Columns are output units ([in, out]). Bisection: α = 0.4 prunes 5 of 8, 0.2 prunes 3, 0.3 prunes 4 = 50%.
+
+  At α = 0.3 column 0 (sorted 1, 2, 2.5, 14.5; total 20; running sums 1, 3, 5.5, 20) prunes
+  the three whose running sum is ≤ 6; column 1 (3, 4, 6, 7; sums 3, 7, 13, 20) only its 3.
+  The per-row rule would prune two of each.
+  """
+  scores = jnp.asarray([[14.5, 4.0], [1.0, 7.0], [2.5, 3.0], [2.0, 6.0]])
+  want = np.array([[1, 1], [0, 1], [0, 0], [0, 1]], bool)
+  np.testing.assert_array_equal(np.asarray(masks_lib.mask_from_scores(scores, 0.5, "variant")), want)
+  np.testing.assert_array_equal(~ref.variant_mask(torch.tensor(np.asarray(scores).T), 0.5).numpy().T, want)
+  np.testing.assert_array_equal(np.sum(~np.asarray(masks_lib.row_mask(scores, 0.5)), axis=0), [2, 2])
+  # A stack (scanned layers) gets one α per matrix; scaling a matrix changes nothing.
+  stacked = np.asarray(masks_lib.variant_mask(jnp.stack([scores, 10 * scores[::-1]]), 0.5))
+  np.testing.assert_array_equal(stacked, np.stack([want, want[::-1]]))
+
+
+def test_variant_is_wandas_only_and_the_job_defaults_to_the_reference_rule():
+  for method in ("magnitude", "sparsegpt"):
+    with pytest.raises(ValueError, match="Wanda's"):
+      pruners.resolve_pattern(method, "variant")
+  with pytest.raises(ValueError, match="Wanda's"):
+    pruners.sparsegpt(jnp.ones((4, 4)), jnp.eye(4), 0.5, "variant")
+  assert [pruners.resolve_pattern(m, None) for m in pruners.METHODS] == ["matrix", "row", "matrix"]
+  assert pruners.resolve_pattern("magnitude", "2:4") == "2:4"  # an explicit pattern wins
+  from configs import prune as prune_config
+  c = prune_config.get_config("method=magnitude")
+  assert c.prune.pattern == "" and pruners.resolve_pattern(c.prune.method, c.prune.pattern) == "matrix"
+  assert prune_config.get_config("pattern=variant").prune.pattern == "variant"
 
 
 def test_nm_groups_have_exactly_n_zeros():

@@ -48,9 +48,9 @@ def assert_trees_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight_run(tmp_path_factory):
-  """20 steps on 8 devices, the reference the other tests compare with."""
+  """20 steps on 8 devices, the reference the other tests (here and in test_faults) compare with."""
   workdir = str(tmp_path_factory.mktemp("straight"))
   train(config(checkpoint_every=5), workdir)
   return workdir

@@ -79,7 +79,7 @@ def test_preemption_in_a_stage_stops_the_job_and_the_rerun_finishes_it(tmp_path,
   """SIGTERM in stage 1: nothing after it runs (no stage 2 on a partial stage 1, no eval.json);
   the same call again finishes stage 1 and then trains stage 2 from its last step."""
   import pytest
-  from vlm_jax.train.loop import Preempted
+  from vlm_jax.train.loop import RunStopped
   config = shapes_vila.get_config("quick=True,pretrain=False")
   with config.unlocked():
     config.progress = False
@@ -95,7 +95,7 @@ def test_preemption_in_a_stage_stops_the_job_and_the_rerun_finishes_it(tmp_path,
     return c
 
   monkeypatch.setattr(vila, "stage_config", preempting)
-  with pytest.raises(Preempted, match="stage1: preempted: saved step 3"):
+  with pytest.raises(RunStopped, match="stage1: preempted: saved step 3"):
     vila.run(config, str(tmp_path))
   assert not (tmp_path / "stage2").exists() and not (tmp_path / "eval.json").exists()
 

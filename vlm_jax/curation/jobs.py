@@ -60,7 +60,7 @@ def default_config(model: Optional[ml_collections.ConfigDict] = None, init: str 
   c.rules = [tuple(r) for r in DEFAULT_RULES]
   c.batch_size = batch
   c.prompt = prompt
-  c.logprob_dtype = "float32"  # | "points_reference": the official POINTS rule, bf16 probabilities (perplexity.token_nll)
+  c.logprob_dtype = "float32"  # | "points_reference": the official POINTS rule (perplexity.token_nll)
   c.max_batches = 0  # stop after this many batches (0: all); a re-run continues
   c.progress = True
 

@@ -104,7 +104,9 @@ def token_nll(logits, batch: Mapping[str, Any], logprob_dtype: str = "float32"):
   e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
   targets = batch["input_ids"][:, 1:]
   p = jnp.take_along_axis(e, targets[..., None], axis=-1)[..., 0] / jnp.sum(e, axis=-1)
-  ce = -jnp.log(p.astype(jnp.bfloat16).astype(jnp.float32))
+  # Rounded to bfloat16 in place: XLA:GPU may drop a float32 -> bfloat16 -> float32 convert
+  # pair under jit (openxla/xla#41605); reduce_precision is the op it keeps for this.
+  ce = -jnp.log(jax.lax.reduce_precision(p, exponent_bits=8, mantissa_bits=7))
   return ce, batch["loss_mask"][:, 1:].astype(jnp.float32)
 
 

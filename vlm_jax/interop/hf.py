@@ -2,7 +2,8 @@
 
 Weights move through safetensors and NumPy only (no torch). Each architecture
 is one `Architecture` entry: a name map (`name_maps`), config translators
-(`hf_configs`) and the vlm_jax module it builds.
+(`hf_configs`) and the vlm_jax module it builds. `hf_names(model)` lists the
+mapping itself: our parameter path -> the Hugging Face tensor name.
 """
 
 import dataclasses
@@ -98,6 +99,41 @@ def _restack(model: nn.Module, params: dict, fn) -> dict:
   return {**params, "lm": fn(params["lm"])}
 
 
+def _match(name_map: name_maps.NameMap, arch: Architecture, path: str) -> name_maps.Match:
+  """The Hugging Face tensor of our parameter `path`; none is a gap in our tables (or a
+  module with no Hugging Face counterpart), never a fault of a checkpoint."""
+  match = name_map.resolve(path)
+  if match is None:
+    raise ValueError(f"parameter {path!r} has no Hugging Face name in {arch.name}")
+  return match
+
+
+def hf_names(model: nn.Module) -> dict[str, str]:
+  """Our parameter paths -> the Hugging Face tensor names, as `to_hf` writes and `from_hf` reads.
+
+  Keys are the `/`-joined paths of the parameter tree (`lm/embed/embedding`), values the
+  tensor names of the model's architecture (`language_model.model.embed_tokens.weight`),
+  one entry per tensor, every layer spelled out (`layers_3/q/kernel` <->
+  `layers.3.self_attn.q_proj.weight`). Scanned layers (`scan_layers=True`) are named as
+  the unscanned tree: layer i of `lm/layers/q/kernel` (index i of its leading axis) is
+  `lm/layers_{i}/q/kernel` here, the tree `vlm_jax.models.params.unstack_layers` gives; the
+  layout is a run-time choice, the names are not. Tied embeddings have no `lm_head` entry.
+  Values are the names a checkpoint is written with; the other spellings `from_hf` also
+  reads (transformers 5 in-memory LLaVA names, the `vision_model.` level of Hub vision
+  checkpoints) are not listed.
+
+  Tensor layouts: a linear kernel is ours [in, out] = the Hugging Face weight [out, in]
+  transposed; a conv kernel is HWIO = OIHW.transpose(2, 3, 1, 0); the attention-pool
+  `in_proj` is transposed too; SigLIP's logit_scale / logit_bias are shape () here, (1,)
+  there; everything else (embeddings, norms, biases, class and position embeddings) is
+  the same array.
+  """
+  arch = _architecture_of(model)
+  name_map = name_maps.NameMap(arch.rules)
+  paths = traverse_util.flatten_dict(abstract_params(_with_unscanned_lm(model)), sep="/")
+  return {path: _match(name_map, arch, path).hf_name for path in paths}
+
+
 def model_from_folder(folder: str, **lm_overrides: Any) -> nn.Module:
   """The vlm_jax module of a Hugging Face folder, from its config.json alone (no weights read)."""
   arch, hf_config = _read_hf_config(folder)
@@ -123,9 +159,7 @@ def from_hf(folder: str, **lm_overrides: Any) -> tuple[nn.Module, dict]:
   name_map = name_maps.NameMap(arch.rules)
   flat, used = {}, set()
   for path, leaf in expected.items():
-    match = name_map.resolve(path)
-    if match is None:  # a gap in our own tables, not in the checkpoint
-      raise RuntimeError(f"no Hugging Face name for parameter {path!r} of {arch.name}")
+    match = _match(name_map, arch, path)
     if match.hf_name not in stored:
       raise CheckpointError(f"tensor {match.hf_name!r} (for parameter {path!r}) is missing from {folder!r}")
     stored_name = stored[match.hf_name]
@@ -163,9 +197,7 @@ def to_hf(model: nn.Module, params: dict, folder: str, dtype: Optional[str] = No
 
   def tensors():
     for path, value in flat.items():
-      match = name_map.resolve(path)
-      if match is None:
-        raise ValueError(f"parameter {path!r} has no Hugging Face name in {arch.name}")
+      match = _match(name_map, arch, path)
       array = match.to_hf(np.asarray(jax.device_get(value)))
       yield match.hf_name, array.astype(jax.numpy.dtype(dtype)) if dtype else array
 

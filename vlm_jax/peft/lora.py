@@ -11,6 +11,11 @@ and otherwise SparseLoRA: the mask applies to the sum, so the merged weights
 are exactly as sparse as M, and exporting is this same function. The base
 stays frozen and dense (the distillation teacher is `base` itself).
 
+`forward_kernels` names SparseLoRA's three forward modes (`MODES`, as in RESSA's
+code): "sparse" is the merge above; "non_sparse", `W ⊙ M + (α/r)·A·B`, leaves
+the adapter's delta unmasked (dense merged kernels); "dense", `W + (α/r)·A·B`,
+ignores the mask.
+
 The adapter tree mirrors the parameters: `lora[...]["q"]["kernel"] = {"a", "b"}`,
 so it shards, checkpoints and exports like any pytree. A kernel's rank is the
 last axis of its A; α is one number for the whole model.
@@ -87,6 +92,26 @@ def merge(params: dict, lora: Optional[dict], masks: Optional[dict], alpha: floa
       w = jnp.where(fm[path], w, jnp.zeros((), w.dtype))
     out[path] = w
   return unflat(out)
+
+
+MODES = ("sparse", "non_sparse", "dense")
+
+
+def forward_kernels(params: dict, lora: Optional[dict], masks: Optional[dict], alpha: float,
+                    mode: str = "sparse") -> dict:
+  """The kernels of SparseLoRA's forward `mode`: what the mask applies to differs.
+
+  sparse      (W + (α/r)·A·B) ⊙ M   exactly as sparse as M (`merge`; training and export here)
+  non_sparse  W ⊙ M + (α/r)·A·B     the pruned base plus an unmasked delta: dense again
+  dense       W + (α/r)·A·B         the mask ignored (plain LoRA on the unpruned base)
+  """
+  if mode == "sparse":
+    return merge(params, lora, masks, alpha)
+  if mode == "non_sparse":
+    return merge(merge(params, None, masks, alpha), lora, None, alpha)
+  if mode == "dense":
+    return merge(params, lora, None, alpha)
+  raise ValueError(f"unknown SparseLoRA forward mode {mode!r}; modes are {MODES}")
 
 
 def save_adapters(directory: str, lora: dict, alpha: float) -> None:

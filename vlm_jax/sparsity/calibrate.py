@@ -179,13 +179,15 @@ def _head_unit(config, prefix: str, hessian: bool) -> Unit:
 
 
 def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], targets: dict[str, float],
-                     method: str, pattern: str, *, sparsegpt_kw: Optional[dict] = None,
+                     method: str, pattern: Optional[str] = None, *, sparsegpt_kw: Optional[dict] = None,
                      rows_sharding: Optional[jax.sharding.Sharding] = None,
                      progress: bool = True) -> tuple[dict, dict]:
   """Calibrates and prunes `targets` ({path: ratio}) with Wanda or SparseGPT -> (params, masks).
 
   batches: calibration batches in the device-batch format (`vlm_jax.data.schema`);
   for a VLM, image–text rows (text-only rows calibrate the decoder only).
+  pattern: as `sparsity.prune`'s (None: the method's reference rule; "variant":
+    Wanda's variant); kernels without input statistics take it on |W|.
   rows_sharding: places the calibration rows (and so every unit's activations)
     over the mesh, e.g. `vlm_jax.parallel.mesh.batch_sharding(mesh)`; the
     parameters keep whatever placement they have.
@@ -195,6 +197,7 @@ def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], ta
                for b in batches]
   if method not in ("wanda", "sparsegpt"):
     raise ValueError(f"prune_sequential runs 'wanda' or 'sparsegpt', got {method!r}")
+  pattern = pruners.resolve_pattern(method, pattern)
   hessian = method == "sparsegpt"
   sparsegpt_kw = sparsegpt_kw or {}
   if isinstance(model, VLM):

@@ -32,7 +32,7 @@ from vlm_jax.sparsity import repair as repair_lib
 from vlm_jax.sparsity.prune import prune as prune_model
 from vlm_jax.train import init_from
 from vlm_jax.train.checkpoint import save_params
-from vlm_jax.train.loop import stop_if_preempted, train
+from vlm_jax.train.loop import stop_unless_finished, train
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def repair(config, workdir: str) -> dict:
   if not config.get("model"):  # the loop builds the model from its config: take it from the HF folder
     with config.unlocked():
       config.model = ml_collections.ConfigDict(model_config(init_from.model_of(config)))
-  summary = stop_if_preempted(train(config, workdir, extension=repair_lib.extension(config)))  # no merge of partial weights
+  summary = stop_unless_finished(train(config, workdir, extension=repair_lib.extension(config)))  # no merge of partial weights
   masks = jax.device_get(masks_lib.load_masks(config.sparse.masks, *_base_abstract(config)))
   alpha = repair_lib.SparseTraining.from_config(config.sparse).lora_alpha
   merged = repair_lib.merged_params(jax.device_get(summary["state"].params), masks, alpha)

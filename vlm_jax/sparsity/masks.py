@@ -15,7 +15,12 @@ Patterns, each from a score array of the kernel's shape (low = pruned first):
   matrix    unstructured per matrix, the reference magnitude pruner's rule:
             t = the ⌊s·n⌋-th smallest score (0-based); prune every score ≤ t,
             i.e. ⌊s·n⌋+1 weights when all scores differ
+  variant   unstructured, Wanda's variant (the reference's `--use_variant`):
+            each output unit prunes its lowest scores up to a running sum of
+            α × its total, one α per matrix found by bisection so that the
+            matrix is s-sparse (±0.001); units prune different counts
   N:M       in every group of M consecutive inputs, the N lowest (e.g. "2:4")
+Which pattern a method takes by default is `pruners.DEFAULT_PATTERN`.
 """
 
 import json
@@ -46,13 +51,18 @@ def tower_of(path: str) -> str:
   return head if head in TOWERS else "lm"
 
 
+UNSTRUCTURED = ("row", "matrix", "variant")
+# Wanda's variant as in the reference (lib/prune.py, `prune_wanda` with `use_variant`).
+VARIANT_ALPHA, VARIANT_BOUNDS, VARIANT_TOLERANCE = 0.4, (0.0, 0.8), 0.001
+
+
 def parse_pattern(pattern: str) -> tuple[str, int, int]:
-  """"row" | "matrix" | "N:M" -> (kind, n, m)."""
-  if pattern in ("row", "matrix"):
+  """"row" | "matrix" | "variant" | "N:M" -> (kind, n, m)."""
+  if pattern in UNSTRUCTURED:
     return pattern, 0, 0
   match = re.fullmatch(r"(\d+):(\d+)", pattern)
   if not match or not 0 < int(match[1]) < int(match[2]):
-    raise ValueError(f"sparsity pattern must be 'row', 'matrix' or 'N:M' with 0 < N < M, got {pattern!r}")
+    raise ValueError(f"sparsity pattern must be one of {UNSTRUCTURED} or 'N:M' with 0 < N < M, got {pattern!r}")
   return "nm", int(match[1]), int(match[2])
 
 
@@ -75,6 +85,55 @@ def matrix_mask(scores: jax.Array, ratio: float) -> jax.Array:
   return scores > threshold[..., None, None]
 
 
+@jax.jit
+def _running_sums(scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each output unit's scores in ascending order, their running sums, and the unit's total."""
+  ordered = jnp.sort(scores, axis=-2)
+  return ordered, jnp.cumsum(ordered, axis=-2), jnp.sum(scores, axis=-2, keepdims=True)
+
+
+@jax.jit
+def _pruned_given_alpha(scores, ordered, running, total, alpha) -> tuple[jax.Array, jax.Array]:
+  """The reference's `return_given_alpha`: (pruned, how many) for one α.
+
+  Per output unit, t = the largest sorted score whose running sum is ≤ α·total;
+  every score ≤ t is pruned. Where even the smallest score's sum exceeds α·total
+  (the reference's index -1, an error in torch) the unit prunes nothing.
+  """
+  count = jnp.sum(running <= total * alpha, axis=-2, keepdims=True)
+  threshold = jnp.take_along_axis(ordered, jnp.maximum(count - 1, 0), axis=-2)
+  pruned = scores <= jnp.where(count > 0, threshold, -jnp.inf)
+  return pruned, jnp.sum(pruned)
+
+
+def variant_mask(scores: jax.Array, ratio: float) -> jax.Array:
+  """Wanda's variant: one α per matrix, bisected as the reference does (its bounds, start and stops).
+
+  α is kept in float64 on the host and the achieved sparsity compared in
+  float32, as the reference's Python floats and torch tensors are, so the
+  bisection takes the same steps.
+  """
+  if scores.ndim > 2:  # one α per matrix of a stack
+    return jnp.stack([variant_mask(s, ratio) for s in scores])
+  scores = jnp.asarray(scores, jnp.float32)  # running sums of bf16 scores would drift
+  ordered, running, total = _running_sums(scores)
+  size, target, tolerance = np.float32(scores.size), np.float32(ratio), np.float32(VARIANT_TOLERANCE)
+
+  def prune_at(alpha):
+    pruned, count = _pruned_given_alpha(scores, ordered, running, total, np.float32(alpha))
+    return pruned, np.float32(int(count)) / size
+
+  alpha, (low, high) = VARIANT_ALPHA, VARIANT_BOUNDS
+  pruned, achieved = prune_at(alpha)
+  while abs(achieved - target) > tolerance and high - low >= VARIANT_TOLERANCE:
+    if achieved > target:
+      alpha, high = (alpha + low) / 2, alpha
+    else:
+      alpha, low = (alpha + high) / 2, alpha
+    pruned, achieved = prune_at(alpha)
+  return ~pruned
+
+
 def nm_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
   *lead, fan_in, out = scores.shape
   if fan_in % m:
@@ -90,7 +149,7 @@ def mask_from_scores(scores: jax.Array, ratio: float, pattern: str) -> jax.Array
     return nm_mask(scores, n, m)
   if not 0.0 <= ratio < 1.0:
     raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
-  return row_mask(scores, ratio) if kind == "row" else matrix_mask(scores, ratio)
+  return {"row": row_mask, "matrix": matrix_mask, "variant": variant_mask}[kind](scores, ratio)
 
 
 # ----------------------------------------------------------------------------- allocation

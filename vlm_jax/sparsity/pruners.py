@@ -8,9 +8,16 @@ statistics come from `vlm_jax.sparsity.calibrate`:
                       comparison sees)
   hessian   [in, in]  Σ_t x_t x_tᵀ (SparseGPT; its damping and updates are
                       invariant to the scale)
+
+`pattern=None` (or "") means the method's reference rule, `DEFAULT_PATTERN`:
+magnitude one threshold per matrix (`prune_magnitude`), Wanda per output unit
+(`prune_wanda`), SparseGPT one threshold per block of inputs (`fasterprune`,
+the matrix rule on each block: "row" and "matrix" both give it, and differ only
+for the kernels without input statistics, pruned by magnitude).
 """
 
 from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +25,17 @@ import jax.numpy as jnp
 from vlm_jax.sparsity.masks import mask_from_scores, parse_pattern
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+DEFAULT_PATTERN = {"magnitude": "matrix", "wanda": "row", "sparsegpt": "matrix"}
+
+
+def resolve_pattern(method: str, pattern: Optional[str]) -> str:
+  """`pattern`, or the method's reference rule for None / ""; a clear error for what the method lacks."""
+  if method not in METHODS:
+    raise ValueError(f"unknown pruning method {method!r}; known: {METHODS}")
+  pattern = pattern or DEFAULT_PATTERN[method]
+  if parse_pattern(pattern)[0] == "variant" and method != "wanda":
+    raise ValueError(f"pattern 'variant' is Wanda's (the reference's --use_variant), not {method}'s")
+  return pattern
 
 
 def magnitude(kernel: jax.Array, ratio: float, pattern: str) -> jax.Array:
@@ -27,7 +45,7 @@ def magnitude(kernel: jax.Array, ratio: float, pattern: str) -> jax.Array:
 
 
 def wanda(kernel: jax.Array, sq_norms: jax.Array, ratio: float, pattern: str) -> jax.Array:
-  """|W_ij|·‖X_j‖₂, compared within each output unit (or N:M group)."""
+  """|W_ij|·‖X_j‖₂, compared within each output unit (or N:M group; "variant": Wanda's variant)."""
   scores = jnp.abs(kernel.astype(jnp.float32)) * jnp.sqrt(sq_norms.astype(jnp.float32))[:, None]
   return mask_from_scores(scores, ratio, pattern)
 
@@ -44,6 +62,8 @@ def sparsegpt(kernel: jax.Array, hessian: jax.Array, ratio: float, pattern: str,
   reaches it.
   """
   kind, n, m = parse_pattern(pattern)
+  if kind == "variant":
+    raise ValueError("SparseGPT has no 'variant' pattern (it is Wanda's)")
   w = kernel.T.astype(jnp.float32)  # [out, in]: the reference's layout
   rows, cols = w.shape
   h = hessian.astype(jnp.float32)

@@ -3,8 +3,11 @@
 Three items per step: `params` (alone, so a later stage or an export can read
 just them), `train` (step, optimiser state, RNG) and `data` (the input
 iterator's JSON state, so a resumed run sees exactly the next batch).
-A checkpoint that cannot be read (its write was cut off) is skipped in favour
-of the newest one that can.
+A checkpoint that cannot be read (its write was cut off, a file truncated) is
+moved aside to `<step>.corrupt` with one line of warning, and the newest readable one
+is used; the run then saves that step again. A checkpoint whose parameter shapes
+differ from the model's is not torn but another run's: that is an error
+(`CheckpointMismatch`), never a silent fresh start over someone's workdir.
 """
 
 import logging
@@ -19,23 +22,64 @@ from flax import traverse_util
 
 log = logging.getLogger(__name__)
 
+ITEMS = ("params", "train", "data")
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint holds another model's parameters (names or shapes differ)."""
+
+
+def stored_shapes(step_dir: str) -> Optional[dict]:
+  """{parameter path: shape} of a step's `params` item from its metadata; None when unreadable."""
+  try:
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "params").tree
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree, sep="/").items()}
+  except Exception:  # noqa: BLE001 — unreadable metadata is a torn checkpoint, told by the caller
+    return None
+
+
+def first_difference(stored: dict, abstract: Any, partial: bool = False) -> Optional[str]:
+  """The first parameter whose presence or shape differs between `stored` shapes and `abstract`
+  (with `partial`, only the parameters `abstract` asks for), as a sentence; None when they agree."""
+  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
+  names = sorted(want) if partial else sorted(set(stored) | set(want))
+  for name in names:
+    if stored.get(name) != want.get(name):
+      return (f"parameter {name!r} is {stored.get(name, 'missing')} there and "
+              f"{want.get(name, 'absent')} in this config")
+  return None
+
+
+def set_aside(step_dir: str, reason: Exception) -> str:
+  """Renames an unreadable step directory to `<step>.corrupt[.N]` (process 0); returns the new path."""
+  target, n = f"{step_dir}.corrupt", 1
+  while os.path.exists(target):
+    target, n = f"{step_dir}.corrupt.{n}", n + 1
+  if jax.process_index() == 0:
+    os.rename(step_dir, target)
+  log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, using an older one",
+              step_dir, type(reason).__name__, str(reason).splitlines()[0][:200] if str(reason) else "", target)
+  return target
+
 
 class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("params", "train", "data"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
-                                             create=True))
+    self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
+                                                create=True)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self.options)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, params: Any, train: Any, data_state: dict, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
+  def save(self, step: int, params: Any, train: Any, data_state: dict, force: bool = False) -> None:
+    """Saves `step`; an error when Orbax declines (a save that silently did nothing loses work)."""
+    saved = self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
         data=ocp.args.JsonSave(data_state)), force=force)
+    if not saved:
+      raise RuntimeError(f"Orbax did not save step {step} in {self.directory} (steps there: {self.steps()})")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -44,18 +88,35 @@ class Checkpointer:
     """(step, params, train, data_state) of the newest readable checkpoint, or None.
 
     The abstract trees carry the target shardings: restoring onto another mesh works.
+    Unreadable steps are set aside; another model's checkpoint raises CheckpointMismatch.
     """
     for step in reversed(self.steps()):
+      step_dir = os.path.join(self.directory, str(step))
+      shapes = stored_shapes(step_dir)
+      difference = shapes is not None and first_difference(shapes, abstract_params)
+      if difference:
+        raise CheckpointMismatch(f"{self.directory} holds checkpoints of another run: {difference}")
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params), train=ocp.args.StandardRestore(abstract_train),
             data=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 — any unreadable checkpoint is skipped, loudly
-        log.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
-                    step, self.directory, type(e).__name__, e)
+      except Exception as e:  # noqa: BLE001 — any unreadable checkpoint is set aside, loudly
+        set_aside(step_dir, e)
+        self.manager.reload()
         continue
       return step, restored.params, restored.train, dict(restored.data)
     return None
+
+  def move_all_aside(self) -> str:
+    """Renames the whole checkpoint directory to `<dir>.old[.N]` and starts an empty one; returns the new name."""
+    self.manager.close()
+    target, n = f"{self.directory}.old", 1
+    while os.path.exists(target):
+      target, n = f"{self.directory}.old.{n}", n + 1
+    if jax.process_index() == 0:
+      os.rename(self.directory, target)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self.options)
+    return target
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -63,34 +124,48 @@ class Checkpointer:
 
 
 def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None, partial: bool = False) -> Any:
-  """Only the parameters of a run's checkpoint (the latest by default): how a stage starts from the last.
+  """Only the parameters of a run's checkpoint: how a stage starts from the last.
 
+  The newest readable step unless `step` names one (an unreadable newer step is skipped
+  with one line of warning; it stays where it is: it is another run's workdir).
   partial: restore just the subtrees `abstract_params` names (e.g. {"vision": ...}
   from a two-tower checkpoint); the checkpoint may hold more.
+  A checkpoint of another model is a CheckpointMismatch naming the first differing parameter.
   """
   directory = os.path.abspath(directory)
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
-  manager = ocp.CheckpointManager(directory, item_names=("params", "train", "data"))
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {directory!r}")
-  step = steps[-1] if step is None else step
-  if partial:
-    args = ocp.args.PyTreeRestore(abstract_params, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))
-  else:
-    args = ocp.args.StandardRestore(abstract_params)
+  manager = ocp.CheckpointManager(directory, item_names=ITEMS)
   try:
-    params = manager.restore(step, args=ocp.args.Composite(params=args)).params
-  except ValueError as e:
-    raise ValueError(f"the checkpoint {directory}/{step} does not fit this model "
-                     f"(a checkpoint of another model?): {e}") from e
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {directory!r}")
+    for s in ([step] if step is not None else reversed(steps)):
+      shapes = stored_shapes(os.path.join(directory, str(s)))
+      difference = shapes is not None and first_difference(shapes, abstract_params, partial)
+      if difference:
+        raise CheckpointMismatch(f"the checkpoint {directory}/{s} does not fit this model "
+                                 f"(a checkpoint of another model?): {difference}")
+      try:
+        params = manager.restore(s, args=ocp.args.Composite(params=_params_args(abstract_params, partial))).params
+      except Exception as e:  # noqa: BLE001 — an unreadable step: say so in one line, try the one before
+        if step is not None or s == steps[0]:
+          raise ValueError(f"the checkpoint {directory}/{s} is unreadable ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        log.warning("checkpoint %s/%d is unreadable (%s); using an older one", directory, s, type(e).__name__)
+        continue
+      if partial:  # Orbax leaves what it did not find abstract, and does not check shapes
+        _check_restored(params, abstract_params, f"{directory}/{s}")
+      return params
   finally:
     manager.close()
-  if partial:  # Orbax leaves what it did not find abstract, and does not check shapes
-    _check_restored(params, abstract_params, f"{directory}/{step}")
-  return params
+
+
+def _params_args(abstract_params: Any, partial: bool):
+  if partial:
+    return ocp.args.PyTreeRestore(abstract_params, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))
+  return ocp.args.StandardRestore(abstract_params)
 
 
 def _check_restored(params: Any, abstract_params: Any, source: str) -> None:
@@ -133,7 +208,7 @@ def params_item_dir(path: str, step: Optional[int] = None) -> str:
     return path  # a params item dir itself
   if os.path.isdir(os.path.join(path, "params")) and step is None:
     return os.path.join(path, "params")  # one step dir
-  manager = ocp.CheckpointManager(path, item_names=("params", "train", "data"))
+  manager = ocp.CheckpointManager(path, item_names=ITEMS)
   try:
     steps = sorted(manager.all_steps())
   finally:

@@ -30,6 +30,8 @@ def default_config() -> ml_collections.ConfigDict:
       lr=1e-4, schedule="cosine", warmup_frac=0.03, warmup_steps=0, end_lr_frac=0.0,
       weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
       groups=[(".*", 1.0)]))  # (path regex, lr multiplier or None = frozen); first match wins
-  c.checkpoint = ml_collections.ConfigDict(dict(keep=3, asynchronous=True))
+  # overwrite: a workdir holding another model's checkpoints is refused, unless this is True:
+  # then they move to checkpoints.old[.N] (nothing is deleted) and the run starts fresh
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=3, asynchronous=True, overwrite=False))
   c.debug = ml_collections.ConfigDict(dict(preempt_at_step=-1, preempt_signal="SIGTERM"))
   return c

@@ -27,7 +27,8 @@ from vlm_jax.interop import from_hf, model_from_folder
 from vlm_jax.models.build import build_model
 from vlm_jax.models.params import example_inputs
 from vlm_jax.train import optim as optim_lib
-from vlm_jax.train.checkpoint import Checkpointer, abstract_like, check_same_shapes, restore_params
+from vlm_jax.train.checkpoint import (Checkpointer, CheckpointMismatch, abstract_like, check_same_shapes,
+                                      restore_params)
 from vlm_jax.train.setup import StepSetup, param_shapes_and_shardings
 from vlm_jax.train.step import TrainState
 
@@ -115,7 +116,15 @@ def start(config, setup: StepSetup, ckpt: Checkpointer) -> tuple[int, TrainState
   abstract_train = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
                     "opt_state": abstract_like(setup.abstract_opt, shardings.opt_state),
                     "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shardings.rng)}
-  restored = ckpt.restore_latest(abstract_like(setup.abstract_params, setup.param_shardings), abstract_train)
+  try:
+    restored = ckpt.restore_latest(abstract_like(setup.abstract_params, setup.param_shardings), abstract_train)
+  except CheckpointMismatch as e:
+    if not config.checkpoint.get("overwrite", False):
+      raise CheckpointMismatch(f"{e}. This is not the run of this config: use another --workdir, or "
+                               f"--config.checkpoint.overwrite=True to move those checkpoints aside "
+                               f"(nothing is deleted) and start fresh") from None
+    log.warning("%s; checkpoint.overwrite=True: they are moved to %s", e, ckpt.move_all_aside())
+    restored = None
   if restored:
     step, params, train_items, data_state = restored
     log.info("resumed from step %d", step)

@@ -34,18 +34,47 @@ from vlm_jax.train.step import TrainState
 log = logging.getLogger(__name__)
 
 
-class Preempted(Exception):
-  """SIGTERM arrived. Inside `train` it is caught: the loop saves and returns a summary
-  whose status says so. A job that chains runs raises it again (`stop_if_preempted`)
-  so that nothing after the cut short run happens; `launch.main` exits 0 on it, and
-  rerunning the same command resumes."""
+class RunStopped(Exception):
+  """A run ended before `total_steps` after saving its state: SIGTERM (preemption), a first
+  Ctrl-C, or data that ran out. `train` itself returns a summary whose status says so; a job
+  that chains runs raises this (`stop_unless_finished`) so that nothing after the cut-short
+  run happens; `launch.main` exits 0 on it, and the same command again resumes."""
 
 
-def stop_if_preempted(summary: dict) -> dict:
-  """`summary` of a finished run; raises Preempted when the run was cut short."""
+def stop_unless_finished(summary: dict) -> dict:
+  """`summary` of a finished run; raises RunStopped when the run was cut short."""
   if summary["status"] != "finished":
-    raise Preempted(f"{summary['workdir']}: {summary['status']}; run the same command again to continue")
+    raise RunStopped(f"{summary['workdir']}: {summary['status']}; run the same command again to continue")
   return summary
+
+
+class _Stop(Exception):
+  """Raised inside the loop to leave it at a step boundary; `status` goes into the summary."""
+
+  def __init__(self, status: str):
+    super().__init__(status)
+    self.status = status
+
+
+class StopSignals:
+  """SIGTERM, and a first SIGINT (Ctrl-C), ask the loop to save and stop at the next step;
+  a second Ctrl-C aborts at once. The previous handlers come back on exit."""
+
+  def __enter__(self):
+    self.received = None
+    self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self.received == "SIGINT":
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      log.warning("Ctrl-C: saving a checkpoint at the next step and stopping; press Ctrl-C again to abort")
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -59,7 +88,10 @@ class MetricsLog:
     self.writer = None
     if not self.active:
       return
-    if os.path.exists(self.path):  # drop what a killed run logged past its last checkpoint
+    if os.path.exists(self.path) and resume_step == 0 and os.path.getsize(self.path):
+      kept = keep_aside(self.path)  # a fresh start over an earlier run's log: keep that log
+      log.warning("%s starts from step 0; the earlier metrics are kept as %s", workdir, kept)
+    elif os.path.exists(self.path):  # drop what a killed run logged past its last checkpoint
       with open(self.path) as f:
         kept = [l for l in f if json.loads(l).get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
@@ -91,6 +123,30 @@ class MetricsLog:
       self.writer.flush()
 
 
+def keep_aside(path: str) -> str:
+  """Renames `path` to the first free `<stem>.<n><ext>` (history kept, nothing overwritten); returns it."""
+  stem, ext = os.path.splitext(path)
+  n = 1
+  while os.path.exists(f"{stem}.{n}{ext}"):
+    n += 1
+  os.rename(path, f"{stem}.{n}{ext}")
+  return f"{stem}.{n}{ext}"
+
+
+def write_config(workdir: str, config) -> None:
+  """`<workdir>/config.json`; a resumed run with another config keeps the earlier one as config.<n>.json."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    log.warning("the config differs from the one %s last ran with; that one is kept as %s", workdir,
+                keep_aside(path))
+  with open(path, "w") as f:
+    f.write(text)
+
+
 def check_finite(step: int, metrics: dict, ids: Sequence[str]) -> None:
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
@@ -111,10 +167,8 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
   extension: how a technique changes training (`vlm_jax.train.extension`); the
     default trains the model as it is.
   """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # --- Mesh, model, optimiser, jitted step.
   setup = step_setup(config, devices, extension)
@@ -125,13 +179,12 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.get("keep", 3),
                       asynchronous=config.checkpoint.get("asynchronous", True))
   start, state, data_state, inputs = init_from.start(config, setup, ckpt)
+  if jax.process_index() == 0:  # after the checkpoints were found to be this run's
+    write_config(workdir, config)
   if data_state is not None:
     data.set_state(data_state)
   step_inputs = () if inputs is None else (inputs,)
 
-  # --- Preemption: SIGTERM sets a flag; the loop saves and returns.
-  preempted = {"flag": False}
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
   debug = config.get("debug", {})
 
   metrics_log = MetricsLog(workdir, start)
@@ -155,15 +208,19 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
 
   pending = None
+  signals = StopSignals()
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for step in range(start, total):
         if debug.get("preempt_at_step", -1) == step:
           simulate_preemption(workdir, debug.get("preempt_signal", "SIGTERM"))
-        if any_process(preempted["flag"]):
-          raise Preempted()
+        if any_process(signals.received is not None):
+          raise _Stop("interrupted by Ctrl-C" if signals.received == "SIGINT" else "preempted")
         t_step = time.perf_counter()
-        batch = next(data)
+        try:
+          batch = next(data)
+        except StopIteration:
+          raise _Stop(f"the data ran out after {step - start} step(s) of this run (data.num_epochs?)") from None
         state, metrics = jitted(state, global_batch(schema.device_batch(batch), batch_sharding), *step_inputs)
         if pending is not None:
           record(pending)
@@ -189,12 +246,15 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
       if pending is not None:
         record(pending)
     status = "finished"
-  except Preempted:
+  except _Stop as stop:
+    if pending is not None:
+      record(pending)  # its metrics line, and its loss checked before the state is saved
     step_now = int(jax.device_get(state.step))
-    ckpt.save(step_now, state.params, _train_items(state), data.get_state(), force=True)
-    status = f"preempted: saved step {step_now}"
+    ckpt.wait()
+    if step_now not in ckpt.steps():  # a checkpoint step just saved it
+      ckpt.save(step_now, state.params, _train_items(state), data.get_state(), force=True)
+    status = f"{stop.status}: saved step {step_now}"
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
     ckpt.close()
     metrics_log.close()

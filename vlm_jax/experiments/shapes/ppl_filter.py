@@ -41,7 +41,7 @@ from vlm_jax.curation import jobs, perplexity, scoring
 from vlm_jax.data import builders, rendering, sources
 from vlm_jax.data.tokenizer import load_tokenizer, shapes_world_tokenizer
 from vlm_jax.experiments.shapes import common
-from vlm_jax.train.loop import stop_if_preempted, train
+from vlm_jax.train.loop import stop_unless_finished, train
 
 ARMS = ("unfiltered", "filtered")
 
@@ -83,7 +83,7 @@ def corruption_flags(name: str, data_dir: str) -> dict:
 def train_stage(config, stage: str, init: str, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:
   """One run of `config.stages[stage]` in `workdir` (resumed, or skipped when finished); the loop's summary."""
   s = config.stages[stage]
-  return stop_if_preempted(train(common.train_config(config, s, s.steps, init, datasets, tok_dir, data_dir), workdir))
+  return stop_unless_finished(train(common.train_config(config, s, s.steps, init, datasets, tok_dir, data_dir), workdir))
 
 
 def train_scorer(config, datasets: dict, tok_dir: str, data_dir: str, workdir: str) -> dict:

@@ -41,7 +41,7 @@ from vlm_jax.eval.evaluate import EVALUATORS, Generator
 from vlm_jax.experiments.shapes import common
 from vlm_jax.models.build import build_model
 from vlm_jax.models.params import init_params
-from vlm_jax.train.loop import stop_if_preempted, train
+from vlm_jax.train.loop import stop_unless_finished, train
 
 
 # --- Data and the starting point -----------------------------------------------------------
@@ -118,7 +118,7 @@ def finetune(config, name: str, datasets: dict, tok_dir: str, data_dir: str, wor
   f = config.finetune
   stage = ml_collections.ConfigDict(dict(lr=f.lr, groups=f.groups, sources=ingredient_sources(config, name),
                                          global_batch_size=f.global_batch_size))
-  stop_if_preempted(train(common.train_config(config, stage, f.steps, base_init(config), datasets, tok_dir, data_dir),
+  stop_unless_finished(train(common.train_config(config, stage, f.steps, base_init(config), datasets, tok_dir, data_dir),
                           workdir))
   return {"loss": common.final_loss(workdir), "wall (s)": round(time.time() - start, 1)}
 

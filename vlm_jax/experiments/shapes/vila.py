@@ -21,7 +21,7 @@ import ml_collections
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax import report
 from vlm_jax.experiments.shapes.common import evaluate, prepare_data, train_config
-from vlm_jax.train.loop import stop_if_preempted, train
+from vlm_jax.train.loop import stop_unless_finished, train
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run(config, workdir: str) -> list[dict]:
     if not contrastive:
       with c.unlocked():
         c.init_parts = parts
-    summary = stop_if_preempted(train(c, stage_dir))
+    summary = stop_unless_finished(train(c, stage_dir))
     row = {"stage": name, "steps": summary["steps"].split(" of ")[-1], "train loss": summary["last loss"],
            "train wall (s)": summary["wall (s)"]}
     if contrastive:  # a tower for the next stage; its train accuracy is in-batch retrieval

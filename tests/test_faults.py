@@ -1,0 +1,126 @@
+"""Faults a run on a pod meets, each reproduced on the tiny config: nothing is lost, nothing
+is silently wrong (torn checkpoints, another run's workdir, a changed config, data that runs
+out, Ctrl-C, a signal on a checkpoint step, deleted checkpoints)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.test_train import assert_trees_equal, config, final_params, losses
+from vlm_jax.data.synthetic import SyntheticBatches
+from vlm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
+from vlm_jax.train.loop import train
+
+
+def _copy(run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run, workdir)
+  return workdir
+
+
+def _truncate_data_files(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "params")):
+    for f in files:
+      if not f.startswith("_"):  # the arrays' data, not the metadata: shapes still read
+        open(os.path.join(root, f), "w").close()
+
+
+def _abstract(c):
+  from tests.test_train import make_mesh, param_shapes_and_shardings
+  import jax
+  from vlm_jax.models import build_model
+  from vlm_jax.train.checkpoint import abstract_like
+  abstract, shardings = param_shapes_and_shardings(build_model(c.model), make_mesh({"data": 1}, jax.devices()[:1]),
+                                                   c.rules)
+  return abstract_like(abstract, shardings)
+
+
+def test_a_torn_newest_checkpoint_is_set_aside_and_saved_again(straight_run, tmp_path):
+  workdir = _copy(straight_run, tmp_path)
+  _truncate_data_files(os.path.join(workdir, "checkpoints", "20"))
+  summary = train(config(checkpoint_every=5), workdir)
+  assert summary["steps"] == "15 -> 20 of 20"
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "20.corrupt"))
+  assert Checkpointer(os.path.join(workdir, "checkpoints")).steps() == [10, 15, 20]  # 20 saved again
+  c = config()  # and it is what the uninterrupted run saved
+  assert_trees_equal(restore_params(workdir, _abstract(c), step=20), restore_params(straight_run, _abstract(c)))
+
+
+def test_init_from_a_run_whose_newest_step_is_torn_falls_back_with_one_line(straight_run, tmp_path, caplog):
+  workdir = _copy(straight_run, tmp_path)
+  _truncate_data_files(os.path.join(workdir, "checkpoints", "20"))
+  c = config()
+  params = restore_params(workdir, _abstract(c))
+  assert_trees_equal(params, restore_params(straight_run, _abstract(c), step=15))
+  assert [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()] == [
+      f"checkpoint {workdir}/checkpoints/20 is unreadable (ValueError); using an older one"]
+
+
+def test_another_runs_workdir_is_refused_untouched_unless_overwrite_is_asked(straight_run, tmp_path):
+  workdir = _copy(straight_run, tmp_path)
+  before = {f: open(os.path.join(workdir, f)).read() for f in ("config.json", "metrics.jsonl")}
+  other = config(total_steps=4, **{"model.text.mlp_dim": 64})
+  with pytest.raises(CheckpointMismatch, match=r"holds checkpoints of another run: parameter "
+                                               r"'lm/layers_0/down/kernel' is \(256, 128\) there and \(64, 128\)"
+                                               r".*--config.checkpoint.overwrite=True"):
+    train(other, workdir)
+  assert {f: open(os.path.join(workdir, f)).read() for f in before} == before
+  assert Checkpointer(os.path.join(workdir, "checkpoints")).steps() == [10, 15, 20]
+  with other.unlocked():
+    other.checkpoint.overwrite = True
+  summary = train(other, workdir)
+  assert summary["steps"] == "0 -> 4 of 4"
+  assert Checkpointer(os.path.join(workdir, "checkpoints.old")).steps() == [10, 15, 20]
+  assert open(os.path.join(workdir, "metrics.1.jsonl")).read() == before["metrics.jsonl"]
+  assert open(os.path.join(workdir, "config.1.json")).read() == before["config.json"]
+
+
+def test_a_resume_with_a_changed_config_keeps_the_earlier_one(tmp_path):
+  train(config(total_steps=4), str(tmp_path))
+  first = open(tmp_path / "config.json").read()
+  train(config(total_steps=6, **{"optim.lr": 5e-4}), str(tmp_path))
+  assert open(tmp_path / "config.1.json").read() == first
+  assert json.load(open(tmp_path / "config.json"))["optim"]["lr"] == 5e-4
+  train(config(total_steps=6, **{"optim.lr": 5e-4}), str(tmp_path))  # unchanged: no new copy
+  assert not (tmp_path / "config.2.json").exists()
+
+
+def test_data_that_runs_out_stops_with_a_checkpoint_and_says_so(tmp_path, monkeypatch):
+  original = SyntheticBatches.__next__
+
+  def six_batches(self):
+    if self.get_state()["index"] >= 6:  # the data set's end
+      raise StopIteration
+    return original(self)
+
+  monkeypatch.setattr(SyntheticBatches, "__next__", six_batches)
+  summary = train(config(total_steps=20), str(tmp_path))
+  assert summary["status"] == "the data ran out after 6 step(s) of this run (data.num_epochs?): saved step 6"
+  assert Checkpointer(str(tmp_path / "checkpoints")).steps() == [6]
+  assert max(losses(tmp_path)) == 6
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", "interrupted by Ctrl-C"), ("SIGTERM", "preempted")])
+def test_a_signal_on_a_checkpoint_step_saves_once_and_resumes(straight_run, tmp_path, signal_name, status):
+  """Ctrl-C is handled like SIGTERM; a signal right after a checkpoint step (10) does not save it twice,
+  and that step's metrics line is written; the same command then finishes as an uninterrupted run."""
+  c = config(checkpoint_every=5, **{"debug.preempt_at_step": 10, "debug.preempt_signal": signal_name})
+  summary = train(c, str(tmp_path))
+  assert summary["status"] == f"{status}: saved step 10"
+  assert max(losses(tmp_path)) == 10
+  train(c, str(tmp_path))
+  assert_trees_equal(final_params(str(tmp_path), c), final_params(straight_run, c))
+  np.testing.assert_array_equal(sorted(losses(tmp_path)), np.arange(1, 21))
+
+
+def test_deleted_checkpoints_restart_from_zero_and_keep_the_old_metrics(tmp_path):
+  train(config(total_steps=3), str(tmp_path))
+  old = open(tmp_path / "metrics.jsonl").read()
+  shutil.rmtree(tmp_path / "checkpoints")
+  summary = train(config(total_steps=2), str(tmp_path))
+  assert summary["steps"] == "0 -> 2 of 2"
+  assert open(tmp_path / "metrics.1.jsonl").read() == old
+  assert sorted(losses(tmp_path)) == [1, 2]
