@@ -56,7 +56,7 @@ def test_init_from_a_run_whose_newest_step_is_torn_falls_back_with_one_line(stra
   params = restore_params(workdir, _abstract(c))
   assert_trees_equal(params, restore_params(straight_run, _abstract(c), step=15))
   assert [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()] == [
-      f"checkpoint {workdir}/checkpoints/20 is unreadable (ValueError); using an older one"]
+      f"checkpoint {workdir}/checkpoints/20 is unreadable (CheckpointCorrupt); using an older one"]
 
 
 def test_another_runs_workdir_is_refused_untouched_unless_overwrite_is_asked(straight_run, tmp_path):
@@ -124,3 +124,30 @@ def test_deleted_checkpoints_restart_from_zero_and_keep_the_old_metrics(tmp_path
   assert summary["steps"] == "0 -> 2 of 2"
   assert open(tmp_path / "metrics.1.jsonl").read() == old
   assert sorted(losses(tmp_path)) == [1, 2]
+
+
+def test_bit_rot_in_a_checkpoint_is_caught_by_its_checksums(straight_run, tmp_path):
+  """Random bytes inside a data file, same size: resume sets the step aside (and uses the one
+  before), and reading its parameters directly (soups, pruning) is an error naming the file."""
+  from vlm_jax.train.checkpoint import CheckpointCorrupt, read_params
+  workdir = _copy(straight_run, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "20")
+  assert os.path.exists(os.path.join(step_dir, "checksums.json"))
+  data_files = sorted(os.path.join(root, f) for root, _, files in os.walk(os.path.join(step_dir, "params"))
+                      for f in files if os.sep + "d" + os.sep in os.path.join(root, f))
+  victim = max(data_files, key=os.path.getsize)
+  size = os.path.getsize(victim)
+  with open(victim, "r+b") as f:
+    f.seek(size // 2)
+    f.write(np.random.default_rng(0).bytes(64))
+  assert os.path.getsize(victim) == size
+  with pytest.raises(CheckpointCorrupt, match=f"{os.path.basename(victim)} has changed since it was written"):
+    read_params(workdir)
+  summary = train(config(checkpoint_every=5), workdir)
+  assert summary["steps"] == "15 -> 20 of 20" and os.path.isdir(step_dir + ".corrupt")
+
+
+def test_nonpositive_total_steps_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="total_steps must be positive, got 0"):
+    train(config(total_steps=0), str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")

@@ -8,10 +8,17 @@ moved aside to `<step>.corrupt` with one line of warning, and the newest readabl
 is used; the run then saves that step again. A checkpoint whose parameter shapes
 differ from the model's is not torn but another run's: that is an error
 (`CheckpointMismatch`), never a silent fresh start over someone's workdir.
+
+Bit rot: once a step is written, `checksums.json` in its directory records the CRC32 of
+every file; every read (resume, `init=checkpoint:`, soups and pruning via `read_params`)
+verifies the files it reads first, so flipped bytes of the same size are caught
+(`CheckpointCorrupt`) instead of restoring silently wrong values.
 """
 
+import json
 import logging
 import os
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -23,6 +30,52 @@ from flax import traverse_util
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "train", "data")
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointCorrupt(ValueError):
+  """A checkpoint file's bytes differ from what was written (its CRC32 in checksums.json)."""
+
+
+def _crc32(path: str) -> str:
+  crc = 0
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      crc = zlib.crc32(chunk, crc)
+  return f"{crc:08x}"
+
+
+def _files(step_dir: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(root, f), step_dir) for root, _, files in os.walk(step_dir)
+                for f in files if f != CHECKSUMS)
+
+
+def write_checksums(step_dir: str) -> None:
+  """Records the CRC32 of every file of a finished step (process 0; the write is atomic)."""
+  sums = {name: _crc32(os.path.join(step_dir, name)) for name in _files(step_dir)}
+  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(sums, f, indent=0, sort_keys=True)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str, under: str = "") -> None:
+  """Raises CheckpointCorrupt naming the first file (below `under`) whose bytes changed or
+  that is missing; a step without checksums (older, or still being written) passes."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    sums = json.load(f)
+  for name, crc in sorted(sums.items()):
+    if not name.startswith(under):
+      continue
+    file = os.path.join(step_dir, name)
+    if not os.path.exists(file):
+      raise CheckpointCorrupt(f"{file} is missing (it was written with the checkpoint)")
+    if _crc32(file) != crc:
+      raise CheckpointCorrupt(f"{file} has changed since it was written (CRC32 {_crc32(file)}, "
+                              f"written {crc}): bit rot or an overwrite")
 
 
 class CheckpointMismatch(ValueError):
@@ -74,7 +127,9 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, params: Any, train: Any, data_state: dict, force: bool = False) -> None:
-    """Saves `step`; an error when Orbax declines (a save that silently did nothing loses work)."""
+    """Saves `step` (asynchronously when configured); an error when Orbax declines (a save that
+    silently did nothing loses work). The previous step is sealed with its checksums first."""
+    self.wait()
     saved = self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
         data=ocp.args.JsonSave(data_state)), force=force)
@@ -82,7 +137,13 @@ class Checkpointer:
       raise RuntimeError(f"Orbax did not save step {step} in {self.directory} (steps there: {self.steps()})")
 
   def wait(self) -> None:
+    """Waits for the writes in flight, then records the checksums of the finished steps."""
     self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in self.steps():
+        step_dir = os.path.join(self.directory, str(step))
+        if not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
+          write_checksums(step_dir)
 
   def restore_latest(self, abstract_params: Any, abstract_train: Any) -> Optional[tuple[int, Any, Any, dict]]:
     """(step, params, train, data_state) of the newest readable checkpoint, or None.
@@ -97,6 +158,7 @@ class Checkpointer:
       if difference:
         raise CheckpointMismatch(f"{self.directory} holds checkpoints of another run: {difference}")
       try:
+        verify_checksums(step_dir)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params), train=ocp.args.StandardRestore(abstract_train),
             data=ocp.args.JsonRestore()))
@@ -119,7 +181,7 @@ class Checkpointer:
     return target
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
@@ -147,6 +209,7 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
         raise CheckpointMismatch(f"the checkpoint {directory}/{s} does not fit this model "
                                  f"(a checkpoint of another model?): {difference}")
       try:
+        verify_checksums(os.path.join(directory, str(s)), under="params")
         params = manager.restore(s, args=ocp.args.Composite(params=_params_args(abstract_params, partial))).params
       except Exception as e:  # noqa: BLE001 — an unreadable step: say so in one line, try the one before
         if step is not None or s == steps[0]:
@@ -230,6 +293,8 @@ def read_params(path: str, step: Optional[int] = None) -> Any:
   No abstract tree needed: what averages or inspects checkpoints of any model reads this.
   """
   item = params_item_dir(path, step)
+  if os.path.basename(item) == "params":  # inside a step: its checksums cover the item
+    verify_checksums(os.path.dirname(item), under="params")
   handler = ocp.PyTreeCheckpointHandler()
   checkpointer = ocp.Checkpointer(handler)
   try:
