@@ -16,7 +16,10 @@ empty, the default: the method's reference rule, `sparsity.DEFAULT_PATTERN`: mag
 `matrix`, wanda `row`, sparsegpt its per-block rule; `variant` is Wanda's variant, the
 reference's --use_variant, Wanda only), vision, projector, lm (per-tower ratios), rows
 (calibration rows), model (a preset name, or `shapes_vila` for the main job's model;
-empty for `init=hf:` where the folder says).
+empty for `init=hf:` where the folder says), overwrite (redo a finished prune: its
+workdir moves to `<workdir>.old[.N]`; without it a rerun only reports the finished output).
+Method, pattern, ratios and the calibration data are checked before the model loads;
+Wanda and SparseGPT take the tokenizer of the `init=hf:` folder when `tokenizer` is empty.
 Per-layer overrides: `--config.prune.overrides="(('lm/layers_0/.*', 0.3),)"`.
 """
 
@@ -53,7 +56,7 @@ def data_block(source: str, data_dir: str, tokenizer: str, batch: int = 16, seq_
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, init="", model="", method="wanda", pattern="", vision=0.5, projector=0.0,
-                       lm=0.5, rows=128, source="", data_dir="", tokenizer="", export_hf="")
+                       lm=0.5, rows=128, source="", data_dir="", tokenizer="", export_hf="", overwrite=False)
   c = default_config()
   c.job = "prune"
   c.init = a.init
@@ -62,4 +65,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.calibration = ml_collections.ConfigDict(dict(rows=a.rows))
   c.data = data_block(a.source, a.data_dir, a.tokenizer)
   c.export_hf = a.export_hf
+  c.overwrite = a.overwrite
   return c

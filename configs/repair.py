@@ -9,6 +9,8 @@ vision tower, 8 on the projector and LM, α = 16, as the reference) trains on
 fine-tunes all weights under the mask (no teacher). Writes the run (resumable) and
 `<workdir>/merged`: the merged weights (exactly as sparse as the masks) as an Orbax run,
 their masks and `sparsity.json`, plus a Hugging Face folder with `export_hf=<folder>`.
+A rerun of a finished repair reports it and stops; `overwrite=1` moves the workdir to
+`<workdir>.old[.N]` and redoes it.
 """
 
 import ml_collections
@@ -22,7 +24,7 @@ from vlm_jax.sparsity.repair import repair_groups, sparse_config
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, init="", model="", masks="", mode="sparse_lora", steps=200, lr=1e-4, batch=16,
                        alpha=16.0, rank_vision=4, rank_lm=8, kd=0.1, temperature=1.0, source="", data_dir="",
-                       tokenizer="", export_hf="")
+                       tokenizer="", export_hf="", overwrite=False)
   c = default_config()
   c.job = "repair"
   c.init = a.init
@@ -34,4 +36,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sparse = sparse_config(a.masks, a.mode, a.alpha, a.rank_vision, a.rank_lm, a.kd, a.temperature)
   c.data = data_block(a.source, a.data_dir, a.tokenizer, batch=a.batch)
   c.export_hf = a.export_hf
+  c.overwrite = a.overwrite
   return c

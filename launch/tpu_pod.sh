@@ -24,10 +24,42 @@
 # by gcloud. The run lives as long as this command: start it inside tmux or screen. Run it
 # again to resume. Simulate the memory first:
 #   python -m launch.simulate --config=... --devices=<chips in the slice>
+#
+# Step (1) deletes $REMOTE on every worker: empty, `/`, a top-level directory, a home directory
+# (`~`, /home/NAME, /root), `..` and anything but plain path characters are refused first
+# (`source launch/tpu_pod.sh` defines the checks alone, for tests).
+
+# Fails, saying why, unless $1 is safe to `rm -rf` on every worker.
+check_remote() {
+  local r="$1"
+  while [[ "$r" == */ ]]; do r="${r%/}"; done
+  local why=""
+  if [[ -z "$r" ]]; then why="it is empty or /"
+  elif [[ ! "$r" =~ ^[A-Za-z0-9._/~+@-]+$ ]]; then why="only letters, digits and ._/~+@- are allowed"
+  elif [[ "$r" =~ ^~[^/]*$ || "$r" =~ ^/(home|Users)/[^/]+$ || "$r" == /root ]]; then why="it is a home directory"
+  elif [[ "$r" == "~"* && "$r" != "~/"* ]]; then why="only a leading ~/ is expanded on the workers"
+  elif [[ "$r" =~ ^/[^/]+$ ]]; then why="it is a top-level directory"
+  elif [[ "$r" =~ (^|/)\.\.?(/|$) || "$r" == -* ]]; then why="no . or .. components or leading -"
+  fi
+  if [[ -n "$why" ]]; then
+    echo "tpu_pod.sh: refusing REMOTE='$1' (the code sync runs rm -rf on it on every worker): $why" >&2
+    return 1
+  fi
+}
+
+# $1 as a word of the workers' shell: a leading ~/ becomes "$HOME"/ (expanded there), the rest quoted.
+remote_word() {
+  if [[ "$1" == "~/"* ]]; then printf '"$HOME"/%q' "${1#\~/}"; else printf '%q' "$1"; fi
+}
+
+[[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0  # sourced: the checks only
+
 set -euo pipefail
 
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR (shared by all workers)}"
 REMOTE="${REMOTE:-~/vlm_jax}"  # the ~ is expanded on the workers
+check_remote "$REMOTE" || exit 2
+DEST="$(remote_word "$REMOTE")"
 PYTHON="${PYTHON:-python3}"
 SETUP="${SETUP:-true}"
 WHERE=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
@@ -39,10 +71,10 @@ trap 'rm -rf "$TMP"' EXIT
 tar -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude='__pycache__' -czf "$TMP/vlm_jax.tgz" .
 gcloud compute tpus tpu-vm scp "$TMP/vlm_jax.tgz" "$TPU:/tmp/vlm_jax.tgz" --worker=all "${WHERE[@]}"
 gcloud compute tpus tpu-vm ssh "$TPU" --worker=all "${WHERE[@]}" \
-  --command="rm -rf $REMOTE && mkdir -p $REMOTE && tar -xzf /tmp/vlm_jax.tgz -C $REMOTE"
+  --command="rm -rf -- $DEST && mkdir -p -- $DEST && tar -xzf /tmp/vlm_jax.tgz -C $DEST"
 
 # 2. Run on all workers at once; worker 0 coordinates. Arguments are quoted for the remote shell.
 IP="$(gcloud compute tpus tpu-vm describe "$TPU" "${WHERE[@]}" --format='value(networkEndpoints[0].ipAddress)')"
 ARGS="$(printf '%q ' "$@")"
-gcloud compute tpus tpu-vm ssh "$TPU" --worker=all "${WHERE[@]}" --command="cd $REMOTE && $SETUP && \
+gcloud compute tpus tpu-vm ssh "$TPU" --worker=all "${WHERE[@]}" --command="cd $DEST && $SETUP && \
   JAX_COORDINATOR_ADDRESS=$IP:${PORT:-8476} $PYTHON -m launch.main $ARGS --workdir=$(printf '%q' "$WORKDIR")"

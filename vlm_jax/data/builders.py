@@ -8,12 +8,16 @@ interleaved, conversations, text_corpus; a prepared data set with an option-deri
 config name reopens with `tfds.builder("shapes_world/<config name>", data_dir=...)`.
 
     build_shapes_world(data_dir, task, sizes={"train": n, ...}, image_size=64, seed=0, **options)
-    build_from_files(kind, path, data_dir, image_root=None)        # kind: see FILE_KINDS
+    build_from_files(kind, path, data_dir, image_root=None, data_root_only=False)  # kind: FILE_KINDS
     skipped_counts(builder) -> {reason: count}
+    skipped_examples(builder) -> {reason: ["file:line: detail", ...]}  # the first few per reason
 
 Both build_* helpers derive a unique config name from their inputs (options; the content
 of the annotation files), call download_and_prepare (reusing a data set already prepared
-under that name) and return the builder.
+under that name) and return the builder. The images a files data set read are recorded
+(size and mtime, `inputs.json` beside it): when one of them changed since (an image fixed,
+a missing one added), build_from_files rebuilds the data set instead of reusing it stale,
+and it logs either way.
 
 The shapes world (`ShapesWorld`): configs caption, vqa, region, interleaved, text_qa,
 text_corpus, classes (10000 / 1000 / 1000 records, 64 px, seed 0); any other sizes,
@@ -21,8 +25,15 @@ image size, seed or task options (corruption_rate, qtypes, domain, ...) through
 build_shapes_world. See vlm_jax.data.shapes_world.
 
 Real formats. `path` is one file (split "train") or {split: file}; image paths are
-relative to `image_root` (default: the annotation file's folder). One record per
-caption / document / conversation / line.
+relative to `image_root` (default: the annotation file's folder), the data root. One
+record per caption / document / conversation / line. Annotation files are UTF-8; a JSONL
+line that is not is a bad record (skipped, counted, its line number logged).
+
+Image paths may be absolute or climb out of the data root ("../x.jpg"): your own
+annotation files may point anywhere. For a third-party annotation file, pass
+`data_root_only=True` (`launch.build_data --data_root_only`): a record with such a path is
+then skipped and counted as `outside_data_root` (its file never opened). The check is on
+the path as written (normalised); symlinks inside the root are followed.
 
   kind "captions" (`ImageCaptions`), either COCO captions JSON
       {"images": [{"id": 1, "file_name": "a.jpg"}],
@@ -51,14 +62,17 @@ caption / document / conversation / line.
 
 Bad records are skipped, never fatal: each is logged (the first few per reason) and
 counted by reason; the counts are written to `<prepared dir>/skipped.json` and returned by
-`skipped_counts(builder)`. Reasons (SKIP_REASONS):
+`skipped_counts(builder)` (the input pipeline reports them too: `skipped()`), the first
+few per reason with their file and line to `skipped_examples.json`. A split whose records
+were all skipped fails the build with the counts. Reasons (SKIP_REASONS):
   missing_image          an image file that does not exist
   bad_image              an image that does not decode
   empty_caption          a caption that is empty or not a string
   empty_text             a document, text line or turn with no text
   image_count_mismatch   "<image>" placeholders != images
-  bad_record             malformed JSON, missing or mistyped fields, unknown role,
-                         an image index out of range, no assistant turn
+  bad_record             malformed JSON, a line not in UTF-8, missing or mistyped fields,
+                         unknown role, an image index out of range, no assistant turn
+  outside_data_root      (data_root_only) an absolute image path or one leaving the data root
 """
 
 import collections
@@ -69,6 +83,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from typing import Any, Iterator, Mapping, Optional, Union
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -80,6 +95,7 @@ from PIL import Image  # pylint: disable=wrong-import-position
 
 from vlm_jax.data import schema
 from vlm_jax.data import shapes_world
+from vlm_jax.data.sources import SKIPPED_FILE, read_beside
 
 
 def _hide_gpus_from_tf():
@@ -96,8 +112,9 @@ _hide_gpus_from_tf()
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("missing_image", "bad_image", "empty_caption", "empty_text", "image_count_mismatch",
-                "bad_record")
-SKIPPED_FILE = "skipped.json"
+                "bad_record", "outside_data_root")
+EXAMPLES_FILE = "skipped_examples.json"  # {reason: ["where: detail", ...]}, the first few each
+INPUTS_FILE = "inputs.json"  # {image path: [size, mtime_ns] or None (missing)}, what a build read
 _LOGGED_PER_REASON = 5
 VERSION = tfds.core.Version("1.0.0")
 
@@ -144,6 +161,8 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, file_format: str = "array_record", **kwargs):
     super().__init__(file_format=file_format, **kwargs)
     self._skips = collections.Counter()
+    self._examples = collections.defaultdict(list)
+    self._inputs = {}
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -151,19 +170,34 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                  features=schema.features(), disable_shuffling=True)
 
   def _download_and_prepare(self, dl_manager, download_config=None):
-    self._skips = collections.Counter()
+    self._skips, self._examples, self._inputs = collections.Counter(), collections.defaultdict(list), {}
     super()._download_and_prepare(dl_manager, download_config)
     counts = {r: self._skips[r] for r in SKIP_REASONS if self._skips[r]}
-    # self.data_dir is the temporary folder here: the file moves in with the data set.
-    with open(os.path.join(os.fspath(self.data_dir), SKIPPED_FILE), "w") as f:
-      json.dump(counts, f, indent=1, sort_keys=True)
+    # self.data_dir is the temporary folder here: the files move in with the data set.
+    for name, obj in ((SKIPPED_FILE, counts), (EXAMPLES_FILE, self._examples), (INPUTS_FILE, self._inputs)):
+      with open(os.path.join(os.fspath(self.data_dir), name), "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
     if counts:
       log.warning("%s: skipped %d bad record(s): %s", self.info.full_name, sum(counts.values()), counts)
 
   def _skip(self, skip: _Skip, where: str) -> None:
     self._skips[skip.reason] += 1
     if self._skips[skip.reason] <= _LOGGED_PER_REASON:
+      self._examples[skip.reason].append(f"{where}: {skip.detail}")
       log.warning("%s: skipping %s (%s): %s", self.name, where, skip.reason, skip.detail)
+
+  def _nonempty(self, split: str, source: str, examples: Iterator[tuple[str, dict]]):
+    """The examples of a split; a clear error with the skip counts when there are none
+    (TFDS would only say "No examples were yielded")."""
+    before = collections.Counter(self._skips)
+    n = 0
+    for n, example in enumerate(examples, start=1):
+      yield example
+    if not n:
+      skipped = dict(self._skips - before)
+      raise ValueError(f"{self.name}: no records for split {split!r} from {source}: "
+                       + (f"all {sum(skipped.values())} skipped {skipped} (see the warnings above)"
+                          if skipped else "it holds none"))
 
   def _convert_all(self, items: Iterator[tuple[str, Any]], convert) -> Iterator[tuple[str, dict]]:
     """(where, raw item) -> convert(raw) -> (key, record); bad ones skipped and counted."""
@@ -244,6 +278,7 @@ class FilesConfig(tfds.core.BuilderConfig):
   """Source files per split, and the folder image paths are relative to."""
   paths: Mapping[str, str] = dataclasses.field(default_factory=dict)
   image_root: Optional[str] = None
+  data_root_only: bool = False
 
 
 class _FilesBuilder(Builder, skip_registration=True):
@@ -253,7 +288,7 @@ class _FilesBuilder(Builder, skip_registration=True):
     cfg = self.builder_config
     if not cfg or not getattr(cfg, "paths", None):
       raise ValueError(f"{self.name}: no source files; use build_from_files(kind, path, data_dir)")
-    return {split: self._generate_examples(path) for split, path in cfg.paths.items()}
+    return {split: self._nonempty(split, path, self._generate_examples(path)) for split, path in cfg.paths.items()}
 
   def _image_root(self, path: str) -> str:
     return self.builder_config.image_root or os.path.dirname(os.path.abspath(path))
@@ -261,14 +296,52 @@ class _FilesBuilder(Builder, skip_registration=True):
   def _stem(self, path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
+  def _image(self, root: str, name: str) -> bytes:
+    """One image's bytes, its size and mtime recorded (a later build_from_files sees it changed)."""
+    path = os.path.normpath(os.path.join(root, name))
+    if self.builder_config.data_root_only and (os.path.isabs(name) or not _inside(path, root)):
+      raise _Skip("outside_data_root", f"{name!r} is not under the data root {root} (data_root_only)")
+    self._inputs[path] = _file_stat(path)
+    return _load_image(path)
+
   def _images(self, root: str, names) -> list:
-    return [_load_image(os.path.join(root, n)) for n in names]
+    return [self._image(root, n) for n in names]
+
+
+def _inside(path: str, root: str) -> bool:
+  root = os.path.abspath(root)
+  return os.path.commonpath([os.path.abspath(path), root]) == root
+
+
+def _file_stat(path: str) -> Optional[list]:
+  """[size, mtime_ns] of a file, None when it does not exist."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return [st.st_size, st.st_mtime_ns]
+
+
+def _load_json(path: str):
+  """A whole JSON file; a non-UTF-8 one fails with its name and byte offset."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason}); re-encode it as UTF-8") from None
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
-  """(line number, parsed object or a _Skip) per non-blank line."""
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f):
+  """(line number, parsed object or a _Skip) per non-blank line; a line that is not UTF-8
+  or not JSON is a _Skip (a bad record), the rest of the file still read."""
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield n, _Skip("bad_record", f"line {n}: not UTF-8 at byte {e.start} of the line ({e.reason})")
+        continue
       if not line.strip():
         continue
       try:
@@ -305,8 +378,7 @@ class ImageCaptions(_FilesBuilder):
       yield from self._convert_all(((f"{path}:{n}", (n, obj)) for n, obj in _jsonl(path)),
                                    lambda item: self._from_line(stem, root, *item))
       return
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
       raise ValueError(f"{path}: expected COCO captions JSON ({{'images': [...], 'annotations': [...]}}) "
                        f"or a .jsonl file")
@@ -317,7 +389,7 @@ class ImageCaptions(_FilesBuilder):
     for image_id, anns in by_image.items():
       try:
         _require(image_id in files and isinstance(files[image_id], str), f"image_id {image_id!r} not in images")
-        image = _load_image(os.path.join(root, files[image_id]))
+        image = self._image(root, files[image_id])
       except _Skip as s:
         for k, _ in anns:
           self._skip(s, f"{path}: annotation {k}")
@@ -338,7 +410,7 @@ class ImageCaptions(_FilesBuilder):
     _require(isinstance(obj, dict) and isinstance(obj.get("image"), str), f"line {n}: needs 'image' (str)")
     caption = _text(obj.get("caption"))
     _require(bool(caption), f"line {n}", "empty_caption")
-    image = _load_image(os.path.join(root, obj["image"]))
+    image = self._image(root, obj["image"])
     rid = f"{stem}/{obj['id']}" if "id" in obj else f"{stem}/{n:06d}"
     return {"id": rid, "kind": "caption", "images": [image],
             "turns": [{"role": "user", "content": schema.IMAGE_PLACEHOLDER},
@@ -398,8 +470,7 @@ class Conversations(_FilesBuilder):
     if path.endswith(".jsonl"):
       items = ((f"{path}:{n}", (n, obj)) for n, obj in _jsonl(path))
     else:
-      with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+      data = _load_json(path)
       if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA samples")
       items = ((f"{path}[{n}]", (n, obj)) for n, obj in enumerate(data))
@@ -457,14 +528,16 @@ FILE_KINDS = {"captions": ImageCaptions, "interleaved": Interleaved, "conversati
               "text": TextCorpus}
 
 
-def files_config(kind: str, path: Union[str, Mapping[str, str]], image_root: Optional[str] = None) -> FilesConfig:
+def files_config(kind: str, path: Union[str, Mapping[str, str]], image_root: Optional[str] = None,
+                 data_root_only: bool = False) -> FilesConfig:
   """A config named after the first file's stem and a digest of the files' contents."""
   if kind not in FILE_KINDS:
     raise ValueError(f"unknown kind {kind!r}; known: {sorted(FILE_KINDS)}")
   paths = {"train": path} if isinstance(path, (str, os.PathLike)) else dict(path)
   paths = {split: os.path.abspath(os.fspath(p)) for split, p in paths.items()}
   digest = hashlib.blake2b(digest_size=5)
-  digest.update(json.dumps([kind, sorted(paths.items()), image_root and os.path.abspath(image_root)]).encode())
+  spec = [kind, sorted(paths.items()), image_root and os.path.abspath(image_root)]
+  digest.update(json.dumps(spec + [True] if data_root_only else spec).encode())  # old names unchanged
   for _, p in sorted(paths.items()):
     if not os.path.isfile(p):
       raise FileNotFoundError(f"{kind} source {p} does not exist")
@@ -474,22 +547,47 @@ def files_config(kind: str, path: Union[str, Mapping[str, str]], image_root: Opt
   stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(next(iter(paths.values()))).lower()).strip("_")
   return FilesConfig(name=f"{stem}_{digest.hexdigest()}", version=VERSION,
                      description=f"{kind} from {json.dumps(paths)}", paths=paths,
-                     image_root=image_root and os.path.abspath(image_root))
+                     image_root=image_root and os.path.abspath(image_root), data_root_only=bool(data_root_only))
 
 
 def build_from_files(kind: str, path: Union[str, Mapping[str, str]], data_dir: str,
-                     image_root: Optional[str] = None) -> tfds.core.DatasetBuilder:
-  """Prepares (or reuses) a data set from local files of one format (FILE_KINDS); returns its builder."""
-  config = files_config(kind, path, image_root)  # checks kind
+                     image_root: Optional[str] = None, data_root_only: bool = False) -> tfds.core.DatasetBuilder:
+  """Prepares (or reuses) a data set from local files of one format (FILE_KINDS); returns its builder.
+
+  A data set prepared earlier from the same annotation files is reused unless an image it
+  read changed since (then it is rebuilt: a fixed image must not stay skipped).
+  data_root_only: skip (count as `outside_data_root`) records whose image paths are absolute
+  or leave the data root (image_root, else the annotation file's folder): for third-party
+  annotation files.
+  """
+  config = files_config(kind, path, image_root, data_root_only)  # checks kind
   builder = FILE_KINDS[kind](config=config, data_dir=data_dir)
+  if builder.is_prepared():
+    changed = _changed_inputs(builder.data_dir)
+    if not changed:
+      log.info("%s: reusing the data set prepared in %s (same annotation files, images unchanged); "
+               "delete that folder to rebuild it", builder.info.full_name, builder.data_dir)
+      return builder
+    log.warning("%s: %d image(s) changed since it was prepared (e.g. %s): rebuilding %s",
+                builder.info.full_name, len(changed), changed[0], builder.data_dir)
+    shutil.rmtree(os.fspath(builder.data_dir))
+    builder = FILE_KINDS[kind](config=config, data_dir=data_dir)
   builder.download_and_prepare()
   return builder
 
 
+def _changed_inputs(prepared_dir) -> list:
+  """The image files whose size or mtime (or existence) differs from what the build read."""
+  inputs = read_beside(prepared_dir, INPUTS_FILE)  # {} when built before inputs were recorded
+  return [p for p, stat in inputs.items() if _file_stat(p) != stat]
+
+
 def skipped_counts(builder: tfds.core.DatasetBuilder) -> dict:
   """{reason: count} of the records skipped while preparing `builder` ({} when none)."""
-  path = os.path.join(os.fspath(builder.data_dir), SKIPPED_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return read_beside(builder.data_dir)
+
+
+def skipped_examples(builder: tfds.core.DatasetBuilder) -> dict:
+  """{reason: ["where: detail", ...]}: the first few records skipped per reason, with their
+  file and line (or annotation / sample index)."""
+  return read_beside(builder.data_dir, EXAMPLES_FILE)

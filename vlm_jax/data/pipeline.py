@@ -8,6 +8,7 @@
     state = it.get_state()           # JSON-serialisable; save beside the model
     it = pipe.iterator(state)        # ... continues with exactly the next batch
     it.skipped()                     # {"too_long": 3, "undecodable_image": 1, ...}
+                                     # + "<reason> (build of <data set>)": what its build skipped
 
 Stages (each source a random-access sequence of records: vlm_jax.data.sources):
 
@@ -41,6 +42,13 @@ Bad records: skipped and counted by reason (`iterator.skipped()`), never trained
                         a caption without exactly one assistant turn
   unreadable_record     reading the record from its source failed
   processing_error      any other exception while processing a record (logged)
+`skipped()` also reports what the build of each TFDS source skipped (vlm_jax.data.builders
+writes the counts beside the data set), under "<reason> (build of <data set>)".
+
+Nothing fits, nothing trains: a pipeline whose rows cannot hold a record with one image
+(seq_len < BOS + tokens_per_image + a target token + EOS) is refused when it is built, and
+`max_consecutive_skips` records skipped in a row with none batched stop the iterator with
+a RuntimeError naming the reasons (instead of spinning forever through the data).
 
 Config (`default_config()`; the `data` block of an experiment config; `from_config`):
   sources            list of {name, split, weight[, data_dir]} (vlm_jax.data.sources.Source):
@@ -65,6 +73,8 @@ Config (`default_config()`; the `data` block of an experiment config; `from_conf
   image_token_id     (None: the tokenizer's "<image>" id, or the model config's)
   num_threads        grain reader threads (decode + tokenise in parallel)
   prefetch           records read ahead
+  max_consecutive_skips  records skipped in a row (none batched) that stop the iterator
+                     with an error (None: never)
   source             (optional) "pipeline"; the train loop's switch to synthetic batches
 Given a model config (`from_config(data, model)`), image_size, tokens_per_image,
 image_token_id and normalization left None are taken from its vision tower.
@@ -152,6 +162,7 @@ def default_config():
       image_token_id=placeholder(int),
       num_threads=4,
       prefetch=64,
+      max_consecutive_skips=1000,
   ))
 
 
@@ -187,6 +198,7 @@ class Pipeline:
                num_epochs: Optional[int] = None,
                chat_template: Union[None, rendering.ChatTemplate, Mapping[str, str]] = None,
                num_threads: int = 4, prefetch: int = 64, data_dir: Optional[str] = None,
+               max_consecutive_skips: Optional[int] = 1000,
                process_index: Optional[int] = None, process_count: Optional[int] = None):
     if process_index is None or process_count is None:
       process_index = jax.process_index() if process_index is None else process_index
@@ -210,6 +222,8 @@ class Pipeline:
       raise ValueError(f"image_slots must be >= 0, got {image_slots}")
     if num_epochs is not None and num_epochs <= 0:
       raise ValueError(f"num_epochs must be None (forever) or positive, got {num_epochs}")
+    if max_consecutive_skips is not None and max_consecutive_skips <= 0:
+      raise ValueError(f"max_consecutive_skips must be None (no bound) or positive, got {max_consecutive_skips}")
 
     self.sources = [s if isinstance(s, sources_lib.Source) else sources_lib.Source(**dict(s))
                     for s in sources]
@@ -233,6 +247,12 @@ class Pipeline:
     self.tokens_per_image = int(tokens_per_image)
     self.seq_len = int(seq_len)
     self.image_slots = int(image_slots)
+    if self.image_slots and self.tokens_per_image:
+      # A row that cannot hold one image skips every image record: nothing would ever train.
+      needed = (self.encoder.bos_id is not None) + self.tokens_per_image + 2  # + a target + EOS
+      if self.seq_len < needed:
+        raise ValueError(f"seq_len {self.seq_len} cannot hold a record with one image: tokens_per_image "
+                         f"{self.tokens_per_image} + BOS + one target token + EOS need seq_len >= {needed}")
     self.image_size = int(image_size)
     self.normalization = normalization
     self.resize_mode = resize_mode
@@ -246,8 +266,11 @@ class Pipeline:
     self.global_batch_size = int(global_batch_size)
     self.batch_size = self.global_batch_size // self.process_count
     self.read_options = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
+    self.max_consecutive_skips = max_consecutive_skips
 
-    self.data_sources = [sources_lib.open_source(s, data_dir) for s in self.sources]
+    self.sources = [sources_lib.resolve(s, data_dir) for s in self.sources]  # each data set opened once
+    self.data_sources = [sources_lib.open_source(s) for s in self.sources]
+    self.build_skipped = self._build_skipped()
     parts = []
     for k, (src, ds) in enumerate(zip(self.sources, self.data_sources)):
       idx = grain.MapDataset.range(len(ds))[self.process_index::self.process_count]
@@ -307,6 +330,15 @@ class Pipeline:
     cfg["image_size"] = cfg["image_size"] or 224
     cfg["normalization"] = cfg["normalization"] or "clip"
     return cls(cfg.pop("sources"), tokenizer, process_index=process_index, process_count=process_count, **cfg)
+
+  def _build_skipped(self) -> dict[str, int]:
+    """What the builds of the sources' data sets skipped, once per data set (not per split)."""
+    out: dict[str, int] = {}
+    for src in self.sources:  # two splits of one data set set the same keys
+      name = src.label.rsplit(":", 1)[0]
+      for reason, n in sources_lib.build_skipped(src).items():
+        out[f"{reason} (build of {name})"] = int(n)
+    return out
 
   # -- per-record processing (runs in grain's reader threads) --
 
@@ -393,6 +425,7 @@ class PipelineIterator:
     self._next_index = 0      # stream position of the next element the grain iterator yields
     self._pending: Optional[_Example] = None  # read but did not fit the last batch's last row
     self._skipped: collections.Counter = collections.Counter()
+    self._in_a_row: collections.Counter = collections.Counter()  # skips since the last example
     self._batches = 0
     if state is not None:
       self.set_state(state)
@@ -425,8 +458,9 @@ class PipelineIterator:
     self._batches = int(state.get("batches", 0))
 
   def skipped(self) -> dict[str, int]:
-    """Records skipped so far, by reason (cumulative across restores)."""
-    return dict(sorted(self._skipped.items()))
+    """Records skipped so far, by reason (cumulative across restores), and those the builds
+    of the sources' data sets skipped ("<reason> (build of <data set>)")."""
+    return dict(sorted({**self._skipped, **self.pipeline.build_skipped}.items()))
 
   # -- examples --
 
@@ -443,13 +477,29 @@ class PipelineIterator:
         raise RuntimeError(f"input stream out of order: got {el.index}, expected {self._next_index}")
       self._next_index = el.index + 1
       if isinstance(el, _Skip):
-        self._skipped[el.reason] += 1
-        if self._skipped[el.reason] <= _MAX_SKIP_WARNINGS:
-          log.warning("skipping record %r of %s: %s %s%s", el.id, el.source, el.reason, el.detail,
-                      " (further ones of this reason are only counted)"
-                      if self._skipped[el.reason] == _MAX_SKIP_WARNINGS else "")
+        self._count_skip(el)
         continue
+      self._in_a_row.clear()
       return el
+
+  def _count_skip(self, skip: _Skip) -> None:
+    """Counts a skipped record; raises once too many in a row left nothing to batch (a config
+    that fits no record would otherwise spin through the data forever)."""
+    self._skipped[skip.reason] += 1
+    if self._skipped[skip.reason] <= _MAX_SKIP_WARNINGS:
+      log.warning("skipping record %r of %s: %s %s%s", skip.id, skip.source, skip.reason, skip.detail,
+                  " (further ones of this reason are only counted)"
+                  if self._skipped[skip.reason] == _MAX_SKIP_WARNINGS else "")
+    self._in_a_row[skip.reason] += 1
+    limit, n = self.pipeline.max_consecutive_skips, sum(self._in_a_row.values())
+    if limit is not None and n >= limit:
+      p = self.pipeline
+      self.close()
+      raise RuntimeError(
+          f"{n} records in a row were skipped and none batched ({dict(self._in_a_row.most_common())}); "
+          f"the last: {skip.reason} {skip.detail} ({skip.source}). Check the data and the config "
+          f"(seq_len {p.seq_len}, tokens_per_image {p.tokens_per_image}, image_slots {p.image_slots}, "
+          f"truncate {p.truncate}); data.max_consecutive_skips sets this bound")
 
   def _rows(self) -> list[list[_Example]]:
     p = self.pipeline

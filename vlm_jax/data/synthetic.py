@@ -25,6 +25,11 @@ class SyntheticBatches:
     self.global_batch, self.seq_len, self.vocab = global_batch, seq_len, vocab_size
     self.seed, self.image_size, self.tpi, self.image_token = seed, image_size, tokens_per_image, image_token_id
     self.slots = images_per_row if tokens_per_image else 0
+    # BOS, the image runs, the first text token, then targets: shorter rows train on nothing.
+    needed = self.slots * tokens_per_image + 3 if self.slots else 2
+    if seq_len < needed:
+      raise ValueError(f"seq_len {seq_len} leaves no target token: BOS + images_per_row {self.slots} x "
+                       f"tokens_per_image {tokens_per_image} + 2 text tokens need seq_len >= {needed}")
     self.rows = slice(process_index * global_batch // process_count,
                       (process_index + 1) * global_batch // process_count)
     self.repeat_first = repeat_first

@@ -7,7 +7,6 @@ mapping itself: our parameter path -> the Hugging Face tensor name.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Optional
 
@@ -17,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlm_jax.interop import hf_configs, name_maps
-from vlm_jax.interop.safetensors_io import CheckpointError, TensorReader, write_tensors
+from vlm_jax.interop.safetensors_io import CheckpointError, TensorReader, read_json, write_tensors
 from vlm_jax.models.contrastive import ContrastiveModel
 from vlm_jax.models.lm import DecoderLM
 from vlm_jax.models.params import abstract_params, stack_layers, unstack_layers
@@ -71,8 +70,7 @@ def _read_hf_config(folder: str):
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"no config.json in {folder!r}")
-  with open(path) as f:
-    names = json.load(f).get("architectures") or []
+  names = read_json(path).get("architectures") or []
   known = [n for n in names if n in ARCHITECTURES]
   if not known:
     raise CheckpointError(f"unknown architecture {names or '(none given)'} in {path}; "

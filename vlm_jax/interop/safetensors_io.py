@@ -14,10 +14,20 @@ from safetensors.numpy import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+PICKLES = (".bin", ".pt", ".pth", ".ckpt")  # torch.save files: unpickling them can run arbitrary code
 
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be read as asked: names the file or tensor at fault."""
+
+
+def read_json(path: str) -> dict:
+  """A JSON file of a checkpoint folder; a broken one is a CheckpointError naming it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
 class TensorReader:
@@ -28,12 +38,16 @@ class TensorReader:
       raise CheckpointError(f"no checkpoint folder at {folder!r}")
     index_path = os.path.join(folder, INDEX)
     if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = read_json(index_path).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} has no \"weight_map\" (not a safetensors index?)")
     elif os.path.exists(os.path.join(folder, SINGLE)):
       weight_map = None
     else:
-      raise CheckpointError(f"{folder!r} holds neither {SINGLE} nor {INDEX}")
+      pickles = sorted(f for f in os.listdir(folder) if f.endswith(PICKLES))
+      why = (f" ({', '.join(pickles[:3])}: no safetensors; pickle files are not loaded; convert with "
+             f"transformers' save_pretrained(folder, safe_serialization=True))" if pickles else "")
+      raise CheckpointError(f"{folder!r} holds neither {SINGLE} nor {INDEX}{why}")
     self._files: dict[str, object] = {}
     self._where: dict[str, str] = {}
     files = sorted(set(weight_map.values())) if weight_map else [SINGLE]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -99,11 +100,45 @@ def read_stored(ing: Ingredient) -> Params:
   try:
     return read_params(ing.path, ing.step)
   except (FileNotFoundError, ValueError) as e:  # the same error, naming the ingredient as given
-    raise type(e)(f"soup ingredient {ing.name!r}: {e}") from e
+    _silence_orphaned_reads()
+    raise type(e)(f"soup ingredient {ing.name!r}: {e}") from None  # the message carries the cause
+
+
+def _silence_orphaned_reads() -> None:
+  """Drops the `RuntimeError('Event loop is closed')` reports of a failed Orbax read.
+
+  When one tensor of a truncated checkpoint fails, Orbax closes its event loop while
+  TensorStore still completes the other reads; each completion then reports that error
+  through `sys.unraisablehook`, also after the job has exited (dozens of tracebacks burying
+  the one that matters). Closing the checkpointer does not stop them; this hook drops exactly
+  those reports and passes every other one on.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_vlm_jax_orphaned_reads", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook._vlm_jax_orphaned_reads = True
+  sys.unraisablehook = hook
 
 
 def is_float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_finite(tree: Params, what: str) -> None:
+  """A ValueError naming the first parameter holding NaN or inf: such weights are never written."""
+  paths, leaves, _ = flatten(tree)
+  for path, x in zip(paths, leaves):
+    x = np.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+      if bad:
+        raise ValueError(f"{what}: parameter {'/'.join(path)!r} has {bad} non-finite value(s) (NaN or inf) "
+                         f"of {x.size}; nothing was written")
 
 
 def load(source: Source, like: Any = None, dtype: Any = np.float32) -> Params:

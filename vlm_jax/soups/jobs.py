@@ -24,7 +24,7 @@ import numpy as np
 from vlm_jax import report
 from vlm_jax.interop import model_from_folder, to_hf
 from vlm_jax.soups.average import greedy_soup, maximum_soup, rank, score_ingredients, top_p_count, uniform_soup
-from vlm_jax.soups.ingredients import Ingredient, Params, is_float
+from vlm_jax.soups.ingredients import Ingredient, Params, check_finite, is_float
 from vlm_jax.train.checkpoint import save_params
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,14 @@ def save(params: Params, like_source_or_model: Any, out: str, *, format: str = "
     orbax: `train.checkpoint.save_params(out, params, step)`, readable by
         `restore_params(out, ...)` and `init="checkpoint:<out>"`.
   `dtype` casts the floating parameters on the way out (default: float32, the soup's).
-  An existing non-empty `out` is refused.
+  An existing non-empty `out` is refused, and so is a soup with a NaN or inf (nothing is written).
   """
   fmt = output_format(like_source_or_model) if format == "auto" else format
   if fmt not in ("orbax", "hf"):
     raise ValueError(f"format must be 'auto', 'orbax' or 'hf', got {format!r}")
   out = os.path.abspath(out)
   _refuse_nonempty(out)
+  check_finite(params, f"refusing to write the soup {out}")
   if fmt == "hf":
     like = like_source_or_model
     if isinstance(like, nn.Module):
