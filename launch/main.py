@@ -4,7 +4,8 @@ r"""Runs any vlm_jax job from a config file, on one CPU or on a pod.
     python -m launch.main --config=configs/tiny_train.py:model=small --workdir=/tmp/run \
         --config.total_steps=100 --config.mesh.fsdp=4
 
-`--config.key=value` overrides any key; a mistyped key is an error naming it.
+`--config.key=value` overrides any key; a mistyped key is an error naming it, and so
+is a missing config file (one line) or `total_steps` < 1. `--workdir=~/x` is expanded.
 The config's `job` says what runs (`train`, ...). Running the same command
 again resumes from the newest checkpoint in the workdir.
 
@@ -62,18 +63,36 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from vlm_jax.parallel import initialize
-  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
-  config = _CONFIG.value
-  name = config.get("job", "train")
+  try:
+    config = _CONFIG.value
+    name = config.get("job", "train")  # the first use raises a load error deferred by the flag
+  except OSError as e:  # a missing or unloadable config file: its error in one line, not a traceback
+    sys.exit(f"cannot load the config file {config_flags.get_config_filename(flags.FLAGS['config'])!r}: "
+             f"{str(e).strip().splitlines()[-1].strip()}")
   if name not in JOBS:
     sys.exit(f"unknown job {name!r} in the config; known jobs: {sorted(JOBS)}")
+  if int(config.get("total_steps", 1)) <= 0:  # else a run "finishes" at once with no checkpoint
+    sys.exit(f"config.total_steps is {config.total_steps}; it must be at least 1")
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))  # `--workdir=~/x` is not expanded by the shell
+  from vlm_jax.parallel import initialize
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
   from vlm_jax.train.loop import RunStopped
   try:
-    JOBS[name](config, _WORKDIR.value)
+    JOBS[name](config, workdir)
   except RunStopped as e:  # saved; nothing after the cut-short run ran
     logging.warning("stopped early: %s", e)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a mistyped `--config.key` said in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError, flags.Error) as e:
+    while isinstance(e, (KeyError, AttributeError)) and e.args and isinstance(e.args[0], Exception):
+      e = e.args[0]  # ml_collections wraps the KeyError that says which key
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is its repr
+    sys.exit(f"config error: {message}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
