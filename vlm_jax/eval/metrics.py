@@ -1,4 +1,4 @@
-"""Evaluation metrics: VQA accuracy and exact match, BLEU-4, CIDEr-D, accuracy, perplexity.
+"""Evaluation metrics: VQA accuracy and exact match, BLEU, CIDEr-D, accuracy, perplexity.
 
 Pure NumPy / Python; nothing here needs JAX (JAX arrays are accepted wherever
 NumPy arrays are, through `np.asarray`).
@@ -282,6 +282,55 @@ def _prepare(candidates: Sequence[str], references_list: Sequence[Reference]):
   return cands, refs
 
 
+# COCO's BLEU smoothing (pycocoevalcap, bleu/bleu_scorer.py, BleuScorer.compute_score):
+# `tiny` is added to every clipped-match count and to the candidate length,
+# `small` to every candidate n-gram count and to the reference length.
+_COCO_TINY = 1e-15
+_COCO_SMALL = 1e-9
+
+
+def _bleu_counts(cand: Sequence[str], cand_refs: Sequence[Sequence[str]], max_n: int):
+  """One candidate's BLEU statistics, as COCO's `cook_refs` + `cook_test` + "closest" give them.
+
+  Returns (clipped matches per order, candidate n-grams per order, candidate
+  length, reference length closest to it; ties go to the shorter reference).
+  """
+  c = len(cand)
+  ref_len = min((len(r) for r in cand_refs), key=lambda length: (abs(length - c), length))
+  max_ref: Counter = Counter()
+  for r in cand_refs:
+    max_ref |= _ngram_counts(r, max_n)  # elementwise max over the references
+  correct = np.zeros(max_n)
+  for gram, count in _ngram_counts(cand, max_n).items():
+    correct[len(gram) - 1] += min(count, max_ref[gram])
+  guess = np.array([max(0, c - k + 1) for k in range(1, max_n + 1)], dtype=np.float64)
+  return correct, guess, c, ref_len
+
+
+def _bleu_from_counts(correct, guess, cand_len, ref_len, tiny: float, small: float) -> list[float]:
+  """BLEU-1..n from match / n-gram counts and lengths, in COCO's order of operations.
+
+  A running product of (correct_k + tiny) / (guess_k + small), its k-th root,
+  then the brevity penalty exp(1 - 1/ratio) when ratio = (c + tiny) / (r + small)
+  < 1; the same float steps as COCO, so smoothed scores agree bit for bit.
+  Unsmoothed, a zero count makes that order and all higher ones exactly 0.
+  """
+  scores = []
+  product = 1.0
+  for k in range(len(correct)):
+    numerator, denominator = float(correct[k]) + tiny, float(guess[k]) + small
+    if numerator > 0 and denominator > 0:
+      product *= numerator / denominator
+    else:
+      product = 0.0
+    scores.append(product ** (1.0 / (k + 1)))
+  ratio = (cand_len + tiny) / (ref_len + small) if ref_len + small > 0 else 1.0
+  if ratio < 1.0:
+    bp = math.exp(1.0 - 1.0 / ratio) if ratio > 0 else 0.0
+    scores = [s * bp for s in scores]
+  return scores
+
+
 def bleu(candidates: Sequence[str], references_list: Sequence[Reference], max_n: int = 4,
          *, coco_smoothing: bool = False) -> list[float]:
   """Corpus BLEU-1..BLEU-`max_n` (Papineni et al. 2002), as COCO's `Bleu` computes them.
@@ -294,7 +343,8 @@ def bleu(candidates: Sequence[str], references_list: Sequence[Reference], max_n:
 
   `coco_smoothing=True` adds COCO's 1e-15 / 1e-9 to every numerator /
   denominator (so a missing n-gram order gives a tiny positive score instead
-  of exactly 0), for digit-level agreement with that code.
+  of exactly 0), for digit-level agreement with that code. Per-image scores:
+  `bleu_scores`.
   """
   cands, refs = _prepare(candidates, references_list)
   correct = np.zeros(max_n)
@@ -302,31 +352,34 @@ def bleu(candidates: Sequence[str], references_list: Sequence[Reference], max_n:
   cand_len = 0
   ref_len = 0
   for cand, cand_refs in zip(cands, refs):
-    c = len(cand)
+    item_correct, item_guess, c, r = _bleu_counts(cand, cand_refs, max_n)
+    correct += item_correct
+    guess += item_guess
     cand_len += c
-    ref_len += min((len(r) for r in cand_refs), key=lambda length: (abs(length - c), length))
-    max_ref: Counter = Counter()
-    for r in cand_refs:
-      max_ref |= _ngram_counts(r, max_n)  # elementwise max over the references
-    for gram, count in _ngram_counts(cand, max_n).items():
-      correct[len(gram) - 1] += min(count, max_ref[gram])
-    for k in range(1, max_n + 1):
-      guess[k - 1] += max(0, c - k + 1)
-  tiny, small = (1e-15, 1e-9) if coco_smoothing else (0.0, 0.0)
-  scores = []
-  log_product = 0.0
-  for k in range(max_n):
-    numerator, denominator = correct[k] + tiny, guess[k] + small
-    if numerator <= 0 or denominator <= 0 or log_product == -math.inf:
-      log_product = -math.inf
-    else:
-      log_product += math.log(numerator / denominator)
-    scores.append(math.exp(log_product / (k + 1)) if log_product > -math.inf else 0.0)
-  ratio = (cand_len + tiny) / (ref_len + small) if ref_len + small > 0 else 1.0
-  if ratio < 1.0:
-    bp = math.exp(1.0 - 1.0 / ratio) if ratio > 0 else 0.0
-    scores = [s * bp for s in scores]
-  return scores
+    ref_len += r
+  tiny, small = (_COCO_TINY, _COCO_SMALL) if coco_smoothing else (0.0, 0.0)
+  return _bleu_from_counts(correct, guess, cand_len, ref_len, tiny, small)
+
+
+def bleu_scores(candidates: Sequence[str], references_list: Sequence[Reference], max_n: int = 4,
+                *, coco_smoothing: bool = True) -> np.ndarray:
+  """Per-candidate BLEU-1..BLEU-`max_n`, COCO's per-image list: float64 [max_n, N].
+
+  Row k-1 holds every candidate's own BLEU-k (`bleu`'s formula on that
+  candidate's counts alone, its closest reference length for r), as the
+  `bleu_list` that pycocoevalcap's BleuScorer.compute_score
+  (bleu/bleu_scorer.py) returns next to the corpus score. One caption often
+  has no matching 4-gram, which would make its BLEU-4 exactly 0, so COCO
+  smooths each sentence: 1e-15 added to every match count and to the
+  candidate length, 1e-9 to every n-gram count and to the reference length.
+  That is the default here; `coco_smoothing=False` gives plain sentence BLEU.
+  The mean of a row is not the corpus BLEU (`bleu` pools counts first).
+  """
+  cands, refs = _prepare(candidates, references_list)
+  tiny, small = (_COCO_TINY, _COCO_SMALL) if coco_smoothing else (0.0, 0.0)
+  scores = [_bleu_from_counts(*_bleu_counts(cand, cand_refs, max_n), tiny, small)
+            for cand, cand_refs in zip(cands, refs)]
+  return np.array(scores, dtype=np.float64).reshape(len(cands), max_n).T.copy()
 
 
 def bleu4(candidates: Sequence[str], references_list: Sequence[Reference]) -> float:
