@@ -147,11 +147,12 @@ def write_config(workdir: str, config) -> None:
     f.write(text)
 
 
-def check_finite(step: int, metrics: dict, ids: Sequence[str], saved: Sequence[int]) -> None:
+def check_finite(step: int, metrics: dict, ids: Sequence[str], saved_steps: Callable[[], Sequence[int]]) -> None:
   """Stops the run at a non-finite loss, before anything of this step is saved."""
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     shown = ", ".join(map(str, list(ids)[:4])) + (" ..." if len(ids) > 4 else "")
+    saved = saved_steps()  # listed only now: on a remote file system a listing per step costs
     newest = f"the newest checkpoint is step {saved[-1]}" if saved else "no checkpoint was saved"
     raise FloatingPointError(f"loss is {loss} at step {step} (batch ids: {shown}); stopping the run. "
                              f"Nothing from this step on was saved; {newest} (its weights gave finite "
@@ -203,7 +204,7 @@ def train(config, workdir: str, hooks: Sequence[Callable[[int, TrainState], dict
     """Checks and logs a finished step's metrics (read one step late, so the device never waits)."""
     step, metrics, ids, tokens, dt = pending
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    check_finite(step, metrics, ids, ckpt.steps())
+    check_finite(step, metrics, ids, ckpt.steps)
     metrics["tokens_per_s"] = tokens / max(dt, 1e-9)
     if seen["first_loss"] is None:
       seen["first_loss"] = metrics["loss"]
