@@ -220,3 +220,19 @@ def test_masks_from_another_model_are_refused():
     masks_lib.check_masks_fit(params, {"b": {"kernel": np.ones((4, 4), bool)}})
   with pytest.raises(ValueError, match="shape"):
     masks_lib.check_masks_fit(params, {"a": {"kernel": np.ones((4, 2), bool)}})
+
+
+def test_a_plain_lm_calibrates_on_ids_and_attention_mask_alone():
+  """The README's minimal calibration batch: positions and segments default to an unpacked row."""
+  from vlm_jax.models import DecoderLM, LMConfig, init_params as init
+  model = DecoderLM(LMConfig(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                             head_dim=16, mlp_dim=128, max_position=128))
+  params = init(model, jax.random.key(0))
+  ids = np.random.default_rng(0).integers(0, 512, (4, 64)).astype(np.int32)
+  minimal = [{"input_ids": ids, "attention_mask": np.ones_like(ids)}]
+  full = [{**minimal[0], "positions": np.broadcast_to(np.arange(64, dtype=np.int32), ids.shape),
+           "segment_ids": np.ones_like(ids)}]
+  _, got = sparsity.prune(model, params, method="wanda", ratios={"lm": 0.5}, calibration=minimal, progress=False)
+  _, want = sparsity.prune(model, params, method="wanda", ratios={"lm": 0.5}, calibration=full, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert all(float(np.mean(~np.asarray(m))) == 0.5 for m in jax.tree.leaves(got))
