@@ -48,6 +48,17 @@ def check_companion_fits(params: dict, tree: dict, what: str) -> None:
       raise ValueError(f"{what} for {path!r} has shape {np.shape(leaf)}, the parameter {np.shape(fp[path])}")
 
 
+def check_finite(tree: Any, what: str) -> None:
+  """A ValueError naming the first parameter holding NaN or inf: such weights are never written."""
+  for path, x in flat(tree).items() if isinstance(tree, dict) else enumerate(jax.tree.leaves(tree)):
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.inexact):
+      bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+      if bad:
+        raise ValueError(f"{what}: parameter {path!r} has {bad} non-finite value(s) (NaN or inf) "
+                         f"of {x.size}; nothing was written")
+
+
 def example_inputs(model: nn.Module) -> tuple:
   """The smallest inputs that create every parameter of `model`."""
   if isinstance(model, VisionTower):

@@ -129,18 +129,6 @@ def is_float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating)
 
 
-def check_finite(tree: Params, what: str) -> None:
-  """A ValueError naming the first parameter holding NaN or inf: such weights are never written."""
-  paths, leaves, _ = flatten(tree)
-  for path, x in zip(paths, leaves):
-    x = np.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      bad = x.size - int(np.count_nonzero(np.isfinite(x)))
-      if bad:
-        raise ValueError(f"{what}: parameter {'/'.join(path)!r} has {bad} non-finite value(s) (NaN or inf) "
-                         f"of {x.size}; nothing was written")
-
-
 def load(source: Source, like: Any = None, dtype: Any = np.float32) -> Params:
   """An ingredient's parameters as host NumPy arrays; floating ones cast to `dtype`.
 

@@ -23,8 +23,9 @@ import numpy as np
 
 from vlm_jax import report
 from vlm_jax.interop import model_from_folder, to_hf
+from vlm_jax.models.params import check_finite
 from vlm_jax.soups.average import greedy_soup, maximum_soup, rank, score_ingredients, top_p_count, uniform_soup
-from vlm_jax.soups.ingredients import Ingredient, Params, check_finite, is_float
+from vlm_jax.soups.ingredients import Ingredient, Params, is_float
 from vlm_jax.train.checkpoint import save_params
 
 log = logging.getLogger(__name__)

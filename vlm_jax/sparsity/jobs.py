@@ -23,17 +23,16 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 from vlm_jax import report
 from vlm_jax.data import schema
 from vlm_jax.data.inputs import make_data
 from vlm_jax.interop import to_hf
 from vlm_jax.models.build import build_model, model_config
-from vlm_jax.models.params import abstract_params
+from vlm_jax.models.params import abstract_params, check_finite
 from vlm_jax.parallel import mesh as mesh_lib
+from vlm_jax.parallel.distributed import barrier
 from vlm_jax.peft import lora as lora_lib
-from vlm_jax.soups.ingredients import check_finite
 from vlm_jax.sparsity import masks as masks_lib
 from vlm_jax.sparsity import repair as repair_lib
 from vlm_jax.sparsity.prune import prune as prune_model
@@ -155,8 +154,7 @@ def _redo_or_report(config, workdir: str, output: str, names: tuple) -> Optional
     target, n = f"{workdir}.old.{n}", n + 1
   if jax.process_index() == 0:
     os.rename(workdir, target)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"{config.job}: moved aside")
+  barrier(f"{config.job}: moved aside")
   log.warning("config.overwrite=True: the finished %s output moved to %s; redoing it", config.job, target)
   return None
 
