@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlm_jax.models.attention import check_attention
 from vlm_jax.models.layers import EncoderBlock, LayerNorm, Linear, constrain
 from vlm_jax.models.vit import ViTConfig, VisionTower
 
@@ -34,12 +35,14 @@ class TextConfig:
   # legacy eos_token_id == 2, the largest id), or "last": the last token the
   # attention mask keeps (right padding), for a vocabulary whose eos id is 2.
   pool: str = "eos"
+  attention: str = "xla"  # the kernel, not the numbers: see vlm_jax.models.attention
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
     if self.pool not in ("eos", "last"):
       raise ValueError(f"TextConfig.pool must be 'eos' or 'last', got {self.pool!r}")
+    check_attention(self.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,7 @@ class TextTower(nn.Module):
     if c.style == "clip":
       mask = mask & jnp.tril(jnp.ones((l, l), bool))[None]
     for i in range(c.depth):
-      x = EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, name=f"layers_{i}", **kw)(x, mask)
+      x = EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, c.attention, name=f"layers_{i}", **kw)(x, mask)
     x = LayerNorm(c.norm_eps, name="final_norm", **kw)(x)
     if c.style == "siglip":
       return x[:, -1]

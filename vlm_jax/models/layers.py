@@ -1,4 +1,4 @@
-"""Building blocks shared by every tower: linears, norms, RoPE and attention.
+"""Building blocks shared by every tower: linears, norms, RoPE, encoder attention.
 
 Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`,
 `vocab`); a config maps them to mesh axes, so the modules never name a mesh.
@@ -11,6 +11,8 @@ from typing import Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vlm_jax.models.attention import attention
 
 Dtype = jnp.dtype
 
@@ -111,27 +113,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
   return out.astype(x.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: Optional[jax.Array], heads_major: bool = False) -> jax.Array:
-  """Grouped-query attention with a float32 softmax.
-
-  q: [b, lq, heads, d]; k, v: [b, lk, kv_heads, d], or [b, kv_heads, lk, d] when
-  `heads_major` (the KV cache's layout); mask: [b, lq, lk] bool (True = attend).
-  Fully masked rows give a uniform distribution (as the reference does), never NaN.
-  """
-  b, lq, h, d = q.shape
-  kvh = k.shape[1] if heads_major else k.shape[2]
-  kv = "bksd" if heads_major else "bskd"
-  q = q.reshape(b, lq, kvh, h // kvh, d)
-  scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k)
-  scores = scores.astype(jnp.float32) * (d ** -0.5)
-  if mask is not None:
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v)
-  return out.reshape(b, lq, h, d)
-
-
 class MLP(nn.Module):
   """Two-layer MLP `fc2(act(fc1(x)))` of the ViT and text towers."""
   hidden: int
@@ -151,6 +132,7 @@ class MLP(nn.Module):
 class EncoderAttention(nn.Module):
   """Multi-head self-attention with biases, as in CLIP/SigLIP encoders."""
   num_heads: int
+  attention: str = "xla"  # see vlm_jax.models.attention
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -162,7 +144,7 @@ class EncoderAttention(nn.Module):
     q = split(Linear(d, ("embed", "heads"), name="q", **kw)(x))
     k = split(Linear(d, ("embed", "heads"), name="k", **kw)(x))
     v = split(Linear(d, ("embed", "heads"), name="v", **kw)(x))
-    out = dot_product_attention(q, k, v, mask).reshape(b, l, d)
+    out = attention(q, k, v, mask, self.attention).reshape(b, l, d)
     return Linear(d, ("heads", "embed"), name="o", **kw)(out)
 
 
@@ -172,6 +154,7 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   act: str
   eps: float
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -179,7 +162,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(self.eps, name="attn_norm", **kw)(x)
-    x = x + EncoderAttention(self.num_heads, name="attn", **kw)(h, mask)
+    x = x + EncoderAttention(self.num_heads, self.attention, name="attn", **kw)(h, mask)
     h = LayerNorm(self.eps, name="mlp_norm", **kw)(x)
     x = x + MLP(self.mlp_dim, self.act, name="mlp", **kw)(h)
     return constrain(x, ("batch", "length", "embed"))

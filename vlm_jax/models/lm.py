@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import Linear, RMSNorm, apply_rope, constrain, dot_product_attention
+from vlm_jax.models.attention import attention, check_attention, xla_attention
+from vlm_jax.models.layers import Linear, RMSNorm, apply_rope, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,12 @@ class LMConfig:
   max_position: int = 4096
   scan_layers: bool = False
   remat: bool = False
+  attention: str = "xla"  # the kernel, not the numbers: see vlm_jax.models.attention
   dtype: str = "float32"
   param_dtype: str = "float32"
+
+  def __post_init__(self):
+    check_attention(self.attention)
 
 
 @flax.struct.dataclass
@@ -103,7 +108,7 @@ class DecoderBlock(nn.Module):
     k = apply_rope(k, positions, c.rope_theta, c.rope_linear_scaling)
     new_kv = None
     if kv is None:
-      attn = dot_product_attention(q, k, v, mask)
+      attn = attention(q, k, v, mask, c.attention)
     else:
       k_cache, v_cache, layer = kv
       new = (k.transpose(0, 2, 1, 3).astype(k_cache.dtype), v.transpose(0, 2, 1, 3).astype(v_cache.dtype))
@@ -116,7 +121,7 @@ class DecoderBlock(nn.Module):
         v_cache = jax.lax.dynamic_update_slice(v_cache, new[1][None], (layer, 0, 0, write_at, 0))
         k_layer, v_layer = k_cache[layer], v_cache[layer]
       new_kv = (k_cache, v_cache)
-      attn = dot_product_attention(q, k_layer, v_layer, mask, heads_major=True)
+      attn = xla_attention(q, k_layer, v_layer, mask, heads_major=True)  # decoding: see models.attention
     attn = attn.reshape(b, l, c.num_heads * c.head_dim)
     attn = constrain(attn, ("batch", "length", "heads"))
     x = x + Linear(c.embed_dim, ("heads", "embed"), name="o", **kw)(attn)
@@ -212,9 +217,17 @@ class DecoderLM(nn.Module):
     if cache is not None:
       new_cache = KVCache(new_kv[0], new_kv[1], key_mask, start + l)
     hidden = self.norm(x)
+    return LMOutput(logits=self.head(hidden), cache=new_cache, hidden=hidden)
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """Final hidden states `[..., embed]` -> float32 logits `[..., vocab]`.
+
+    Its own method so the training loss can run it on a slice of the sequence at a
+    time (`loss_chunk`) instead of on the whole batch.
+    """
+    c = self.config
     if c.tie_embeddings:
       logits = self.embedder.attend(hidden.astype(jnp.dtype(c.param_dtype)))
     else:
       logits = self.lm_head(hidden)
-    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-    return LMOutput(logits=logits, cache=new_cache, hidden=hidden)
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import MLP, EncoderBlock, LayerNorm, Linear, activation, constrain, dot_product_attention
+from vlm_jax.models.attention import attention, check_attention
+from vlm_jax.models.layers import MLP, EncoderBlock, LayerNorm, Linear, activation, constrain
 
 
 POOLS = ("default", "mean_max")
@@ -41,6 +42,7 @@ class ViTConfig:
   # tokens ([n, 2 * width]): a small object can decide the embedding, and every
   # patch token gets a gradient. Not in any Hugging Face tower.
   pool: str = "default"
+  attention: str = "xla"  # the kernel, not the numbers: see vlm_jax.models.attention
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -51,6 +53,7 @@ class ViTConfig:
       raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
     if self.pool not in POOLS:
       raise ValueError(f"ViTConfig.pool must be one of {POOLS}, got {self.pool!r}")
+    check_attention(self.attention)
     object.__setattr__(self, "stem", tuple(int(ch) for ch in self.stem))  # hashable; configs give lists
     if self.patch_size % self.stem_stride:
       raise ValueError(f"patch_size {self.patch_size} is not divisible by the stem's total stride "
@@ -84,6 +87,7 @@ class AttentionPoolingHead(nn.Module):
   mlp_dim: int
   act: str
   eps: float
+  attention: str = "xla"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -105,7 +109,7 @@ class AttentionPoolingHead(nn.Module):
     q = (jnp.broadcast_to(probe, (n, 1, d)) @ wq + bq).reshape(n, 1, self.num_heads, hd)
     k = (x @ wk + bk).reshape(n, l, self.num_heads, hd)
     v = (x @ wv + bv).reshape(n, l, self.num_heads, hd)
-    h = dot_product_attention(q, k, v, None).reshape(n, 1, d)
+    h = attention(q, k, v, None, self.attention).reshape(n, 1, d)
     h = Linear(d, ("heads", "embed"), use_bias=True, name="o", **kw)(h)
     h = h + MLP(self.mlp_dim, self.act, name="mlp", **kw)(LayerNorm(self.eps, name="norm", **kw)(h))
     return h[:, 0]
@@ -113,7 +117,7 @@ class AttentionPoolingHead(nn.Module):
 
 def encoder_block(c: ViTConfig, name: Optional[str] = None) -> EncoderBlock:
   """Block `i` of the tower (also run on its own by layer-wise calibration)."""
-  return EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, name=name,
+  return EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, c.attention, name=name,
                       dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
 
 
@@ -181,5 +185,6 @@ class VisionTower(nn.Module):
       last_hidden = post_norm(x)
       pooled = last_hidden.mean(axis=1)
       if c.use_head:
-        pooled = AttentionPoolingHead(c.num_heads, c.mlp_dim, c.act, c.norm_eps, name="head", **kw)(last_hidden)
+        head = AttentionPoolingHead(c.num_heads, c.mlp_dim, c.act, c.norm_eps, c.attention, name="head", **kw)
+        pooled = head(last_hidden)
     return VisionOutput(last_hidden_state=last_hidden, pooled=pooled, features=features)

@@ -127,3 +127,7 @@ class VLM(nn.Module):
     embeds = self.input_embeddings(input_ids, image_embeds)
     return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
                    segment_ids=segment_ids, cache=cache)
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """The decoder's output head (see `DecoderLM.head`)."""
+    return self.lm.head(hidden)

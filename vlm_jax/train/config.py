@@ -24,6 +24,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_parts = ml_collections.ConfigDict()
   c.grad_accum = 1
   c.z_loss = 0.0
+  # > 0: the next-token loss runs the output head this many positions at a time (never
+  # [batch, length, vocab] logits at once); 0: all at once. Same numbers either way.
+  c.loss_chunk = 0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.rules = [tuple(r) for r in DEFAULT_RULES]
   c.optim = ml_collections.ConfigDict(dict(

@@ -76,7 +76,7 @@ def step_setup(config, devices: Optional[Sequence[jax.Device]] = None,
   shardings, abstract_opt = state_shardings(tx, abstract_params, param_shardings, labels, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   step_fn = make_train_step(model, tx, labels, optim_lib.schedule(optim), config.get("z_loss", 0.0),
-                            config.get("grad_accum", 1), extension)
+                            config.get("grad_accum", 1), extension, config.get("loss_chunk", 0))
   in_shardings = (shardings, batch_sharding) + ((input_shardings,) if input_shardings is not None else ())
   jitted = jax.jit(step_fn, in_shardings=in_shardings,
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))

@@ -22,46 +22,96 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data, so it checkpoints like any array
 
 
-def forward(model: nn.Module, params: dict, batch: dict):
-  """Logits for a batch in the format of `vlm_jax.data.schema`."""
+def forward_output(model: nn.Module, params: dict, batch: dict):
+  """The model's `LMOutput` (logits and final hidden states) for a batch in the format of
+  `vlm_jax.data.schema`."""
   kw = dict(attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
             segment_ids=batch.get("segment_ids"))
   if isinstance(model, VLM):
-    return model.apply({"params": params}, batch["input_ids"], batch.get("images"), **kw).logits
-  return model.apply({"params": params}, batch["input_ids"], **kw).logits
+    return model.apply({"params": params}, batch["input_ids"], batch.get("images"), **kw)
+  return model.apply({"params": params}, batch["input_ids"], **kw)
+
+
+def forward(model: nn.Module, params: dict, batch: dict):
+  """Logits for a batch in the format of `vlm_jax.data.schema`."""
+  return forward_output(model, params, batch).logits
+
+
+def next_token_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """Targets and float32 weights `[B, L-1]`: token t is predicted from tokens < t; `loss_mask[t]`
+  says whether it counts."""
+  return batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
+def _ce_and_lse(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy and log-partition of logits already aligned with their targets."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
 
 
 def token_losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-token next-token cross-entropy, log-partition and weights, all [B, L-1], float32.
-
-  Token t is predicted from tokens < t; `loss_mask[t]` says whether it counts.
-  """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = batch["input_ids"][:, 1:]
-  weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  ce = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  """Per-token next-token cross-entropy, log-partition and weights, all [B, L-1], float32."""
+  targets, weights = next_token_targets(batch)
+  ce, lse = _ce_and_lse(logits[:, :-1], targets)
   return ce, lse, weights
+
+
+def _summed_terms(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
+  """The summed terms of `loss_sums` over aligned logits, targets and weights."""
+  ce, lse = _ce_and_lse(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {"ce_sum": jnp.sum(ce * weights), "z_sum": jnp.sum(jnp.square(lse) * weights),
+          "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
 
 
 def loss_sums(logits: jax.Array, batch: dict, z_loss: float) -> tuple[jax.Array, dict]:
   """Summed (not averaged) loss terms, so microbatches add up to the full batch exactly."""
-  ce, lse, w = token_losses(logits, batch)
-  correct = (jnp.argmax(logits[:, :-1], axis=-1) == batch["input_ids"][:, 1:]).astype(jnp.float32)
-  aux = {"ce_sum": jnp.sum(ce * w), "z_sum": jnp.sum(jnp.square(lse) * w),
-         "correct": jnp.sum(correct * w), "tokens": jnp.sum(w)}
+  aux = _summed_terms(logits[:, :-1], *next_token_targets(batch))
+  return aux["ce_sum"] + z_loss * aux["z_sum"], aux
+
+
+def chunked_loss_sums(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], batch: dict,
+                      z_loss: float, chunk: int) -> tuple[jax.Array, dict]:
+  """`loss_sums` from the final hidden states `[B, L, D]`, `chunk` positions at a time.
+
+  The output head runs on one `[B, chunk, D]` slice per scan step, each step rematerialised,
+  so neither the forward nor the backward ever holds `[B, L, vocab]` logits: only one
+  chunk's. The sequence is padded with zero-weight positions to a multiple of `chunk`.
+  The model's own full logits, left unused, are dead code that XLA drops (the compiled
+  step holds no `[B, L, vocab]` buffer).
+  """
+  targets, weights = next_token_targets(batch)
+  h = hidden[:, :-1]
+  b, n = targets.shape
+  pad = -n % chunk
+  if pad:
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+  chunks = lambda x: jnp.swapaxes(x.reshape(b, -1, chunk, *x.shape[2:]), 0, 1)
+  terms = jax.checkpoint(lambda h, t, w: _summed_terms(head(h), t, w), prevent_cse=False)
+
+  def add_chunk(carry, xs):
+    return jax.tree.map(jnp.add, carry, terms(*xs)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  aux, _ = jax.lax.scan(add_chunk, dict(ce_sum=zero, z_sum=zero, correct=zero, tokens=zero),
+                        (chunks(h), chunks(targets), chunks(weights)))
   return aux["ce_sum"] + z_loss * aux["z_sum"], aux
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: dict,
                     lr_schedule: Callable, z_loss: float = 0.0, grad_accum: int = 1,
-                    extension: TrainExtension = PLAIN):
+                    extension: TrainExtension = PLAIN, loss_chunk: int = 0):
   """Builds the pure step `(state, batch[, inputs]) -> (state, metrics)`.
 
   `labels` (from `optim.path_labels`) fix what trains; `extension` is how a technique
   changes the objective (see `vlm_jax.train.extension`; `inputs` are its step inputs).
   A `ContrastiveModel` gets its own objective (`make_contrastive_step`); every other
   model the next-token loss.
+  `loss_chunk` > 0 computes that loss `loss_chunk` positions at a time from the hidden
+  states (`chunked_loss_sums`: same sums, no whole-batch logits). An extension with a
+  `loss` hook is handed the full logits, so with one the step keeps the full-logits path.
   """
   if isinstance(model, ContrastiveModel):
     if extension is not PLAIN or grad_accum != 1:
@@ -77,11 +127,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
 
     def loss_fn(train_params, micro):
       params = optim_lib.merge(train_params, frozen)
-      logits = forward(model, student(params, inputs), micro)
-      total, aux = loss_sums(logits, micro, z_loss)
-      if extension.loss is not None:
-        total, extra = extension.loss(model, params, inputs, micro, logits, total)
-        aux = {**aux, **extra}
+      run_params = student(params, inputs)
+      if loss_chunk and extension.loss is None:
+        head = lambda h: model.apply({"params": run_params}, h, method="head")
+        total, aux = chunked_loss_sums(forward_output(model, run_params, micro).hidden, head, micro,
+                                       z_loss, loss_chunk)
+      else:
+        logits = forward(model, run_params, micro)
+        total, aux = loss_sums(logits, micro, z_loss)
+        if extension.loss is not None:
+          total, extra = extension.loss(model, params, inputs, micro, logits, total)
+          aux = {**aux, **extra}
       return total / n_tokens, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
