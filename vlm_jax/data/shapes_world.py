@@ -37,6 +37,18 @@ except `classes`, `min_objects` / `max_objects` (default 1 / 4)):
                  meta label / class_name; domain="standard" | "outline" | "palette" |
                  "noise" (noise_std=24.0): the same scenes rendered differently.
 
+  Region-guidance tasks (ground-truth boxes in meta "boxes"; nothing drawn on the image):
+    spatial_boxes  kind "conversation"; a spatial question (2+ objects) with both objects'
+                 boxes; meta choices (left/right, above/below or yes/no).
+    hard_negative  kind "caption"; two objects, "a A <relation> a B." and meta negative, the same
+                 caption with exactly one word replaced: qtype attribute (a colour no object
+                 has), relation (the opposite) or object (a shape no object has), round-robin.
+    refer        kind "caption"; 2-4 objects, the expression "a <size> <colour> <shape>." of a
+                 uniquely named one (meta target), every object's box in meta candidates.
+    generated    kind "caption"; a two-object prompt and its image, drawn with a controlled
+                 error for exactly round(error_rate * num) records (meta misaligned, error:
+                 color_binding, relation or missing, round-robin; error_rate=0.5).
+
 Determinism and splits: record `index` of `split` is a function of (seed, split, task,
 index) only (plus num for which captions are corrupted). The splits are disjoint by
 construction, not by chance: every scene (and every text question / document) is hashed
@@ -83,7 +95,9 @@ DOMAINS = ("standard", "outline", "palette", "noise")
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}  # of 100 hash buckets
-TASKS = ("caption", "vqa", "region", "interleaved", "text_qa", "text_corpus", "classes")
+# New tasks go at the end: a task's index seeds its records (`_rng`).
+TASKS = ("caption", "vqa", "region", "interleaved", "text_qa", "text_corpus", "classes",
+         "spatial_boxes", "hard_negative", "refer", "generated")
 VQA_QTYPES = ("count", "color", "shape", "size", "spatial")
 REGION_QTYPES = ("region_color", "region_shape")
 TEXT_FAMILIES = ("sides", "round", "mix", "arithmetic", "bigger", "things", "list_count", "successor",
@@ -99,11 +113,15 @@ _OPTIONS = {
     "text_qa": ("families",),
     "text_corpus": (),
     "classes": _VISUAL + ("domain", "noise_std"),
+    "spatial_boxes": _SCENES,
+    "hard_negative": _VISUAL,
+    "refer": _SCENES,
+    "generated": _VISUAL + ("error_rate",),
 }
 DEFAULT_OPTIONS = {
     "antialias": True, "min_objects": 1, "max_objects": 4, "corruption_rate": 0.0,
     "qtypes": None, "min_images": 2, "max_images": 3, "families": None, "domain": "standard",
-    "noise_std": 24.0,
+    "noise_std": 24.0, "error_rate": 0.5,
 }
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
@@ -673,8 +691,150 @@ def records(task: str, split: str, num: int, seed: int = 0, image_size: int = 64
     if bad or not families:
       raise ValueError(f"unknown text_qa family(ies) {bad}; known: {TEXT_FAMILIES}")
     make = lambda i: _text_qa(split, i, num, seed, image_size, opts, families)
+  elif task == "generated":
+    misaligned = erroneous_indices(num, float(opts["error_rate"]), seed, split)
+    make = lambda i: _generated(split, i, num, seed, image_size, opts, misaligned)
   else:
-    fn = {"interleaved": _interleaved, "text_corpus": _text_corpus, "classes": _classes}[task]
+    fn = {"interleaved": _interleaved, "text_corpus": _text_corpus, "classes": _classes, **_GUIDANCE_TASKS}[task]
     make = lambda i: fn(split, i, num, seed, image_size, opts)
   for i in range(num):
     yield make(i)
+
+
+# --- Region-guidance tasks (contrastive region guidance, vlm_jax/guidance) ---------------
+# Every record carries the ground-truth boxes of the objects its text names (meta "boxes",
+# each object's box widened by `box_pad`, like the region task's): the renderer plays the
+# role of the grounding detector. No box is drawn on these images.
+
+ERRORS = ("color_binding", "relation", "missing")  # the "generated" task's controlled errors
+NEGATIVES = ("attribute", "relation", "object")  # the "hard_negative" task's categories
+
+
+def padded_box(o, image_size: int) -> list:
+  """An object's box widened by `box_pad` (stays inside the image by construction)."""
+  pad = box_pad(image_size)
+  x0, y0, x1, y1 = o["box"]
+  return [x0 - pad, y0 - pad, x1 + pad, y1 + pad]
+
+
+def _pair(rng, split, image_size, distinct_colors=False):
+  """A two-object scene of `split` whose objects have different names (and colours)."""
+  while True:
+    objects = _scene(rng, split, image_size, 2, 2)
+    if len(objects) == 2 and _name(objects[0]) != _name(objects[1]) and \
+        (not distinct_colors or objects[0]["color"] != objects[1]["color"]):
+      return objects
+
+
+def pair_caption(a, b, rel) -> str:
+  """'a large red circle to the left of a small blue square.' (what caption_text says of two objects)."""
+  return f"a {_name(a)} {_REL_PHRASE[rel]} a {_name(b)}."
+
+
+def _spatial_boxes(split, index, num, seed, image_size, opts):
+  """What'sUp-like: a spatial question about two objects, both objects' boxes in meta."""
+  rng = _rng(seed, split, "spatial_boxes", index)
+  while True:
+    objects = _scene(rng, split, image_size, max(2, opts["min_objects"]), max(2, opts["max_objects"]))
+    qa = _vqa_question(rng, objects, "spatial")
+    if qa is not None:
+      break
+  question, answer, targets = qa
+  choices = ["yes", "no"] if answer in ("yes", "no") else \
+      ["left", "right"] if answer in ("left", "right") else ["above", "below"]
+  image = render(objects, image_size, antialias=opts["antialias"])
+  turns = [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": answer}]
+  meta = {"qtype": "spatial_" + ("yesno" if choices[0] == "yes" else "choice"), "question": question,
+          "answer": answer, "choices": choices, "targets": targets,
+          "boxes": [padded_box(objects[k], image_size) for k in targets], "objects": objects}
+  return _record("spatial_boxes", split, index, "conversation", [image], turns, meta)
+
+
+def _hard_negative(split, index, num, seed, image_size, opts):
+  """SugarCrepe-like: the true caption and a hard negative differing in exactly one word."""
+  rng = _rng(seed, split, "hard_negative", index)
+  category = NEGATIVES[index % len(NEGATIVES)]
+  objects = _pair(rng, split, image_size)
+  i, j, rel = _relation(rng, objects)
+  a, b = objects[i], objects[j]
+  positive = pair_caption(a, b, rel)
+  if category == "relation":
+    negative = pair_caption(a, b, _OPPOSITE[rel])
+  else:  # replace one object's colour (attribute) or shape (object) by one no object of the scene has
+    key = "color" if category == "attribute" else "shape"
+    pool = [v for v in (COLOR_NAMES if key == "color" else SHAPES) if v not in {o[key] for o in objects}]
+    which = int(rng.integers(2))
+    new = [dict(a), dict(b)]
+    new[which][key] = pool[rng.integers(len(pool))]
+    negative = pair_caption(new[0], new[1], rel)
+  image = render(objects, image_size, antialias=opts["antialias"])
+  turns = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": positive}]
+  meta = {"qtype": category, "caption": positive, "negative": negative, "relation": rel,
+          "boxes": [padded_box(a, image_size), padded_box(b, image_size)], "objects": objects}
+  return _record("hard_negative", split, index, "caption", [image], turns, meta)
+
+
+def _refer_task(split, index, num, seed, image_size, opts):
+  """Referring expressions: 'a large red circle.' names one object; every object's box is a candidate."""
+  rng = _rng(seed, split, "refer", index)
+  while True:
+    objects = _scene(rng, split, image_size, max(2, opts["min_objects"]), max(2, opts["max_objects"]))
+    names = [_name(o) for o in objects]
+    unique = [k for k, n in enumerate(names) if names.count(n) == 1]
+    if len(objects) >= 2 and unique:
+      break
+  target = unique[rng.integers(len(unique))]
+  expression = f"a {names[target]}."
+  image = render(objects, image_size, antialias=opts["antialias"])
+  turns = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": expression}]
+  meta = {"qtype": f"refer_{len(objects)}", "expression": expression, "target": target,
+          "candidates": [padded_box(o, image_size) for o in objects], "objects": objects}
+  return _record("refer", split, index, "caption", [image], turns, meta)
+
+
+def erroneous_indices(num: int, rate: float, seed: int, split: str) -> set:
+  """Which of `num` "generated" records are drawn with an error: exactly round(rate * num)."""
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"error_rate must be in [0, 1], got {rate}")
+  k = math.floor(rate * num + 0.5)
+  perm = _rng(seed, split, "generated", 0, stream=8).permutation(num)
+  return set(int(i) for i in perm[:k])
+
+
+def _mirror(objects, rel, image_size):
+  """The scene mirrored on the relation's axis (which flips that relation), shapes upright."""
+  out = []
+  for o in objects:
+    x0, y0, x1, y1 = o["box"]
+    if rel in ("left", "right"):
+      x0, x1 = image_size - 1 - x1, image_size - 1 - x0
+    else:
+      y0, y1 = image_size - 1 - y1, image_size - 1 - y0
+    out.append(_make_object(o["shape"], o["color"], o["size"], x0, y0, x1 - x0 + 1))
+  return out
+
+
+def _generated(split, index, num, seed, image_size, opts, misaligned):
+  """SeeTRUE-like: a prompt and the image "generated" for it, with a controlled error for a known
+  fraction of records (meta misaligned, error). The prompt's scene belongs to the split."""
+  rng = _rng(seed, split, "generated", index)
+  objects = _pair(rng, split, image_size, distinct_colors=True)
+  i, j, rel = _relation(rng, objects)
+  caption = pair_caption(objects[i], objects[j], rel)
+  drawn, error = objects, None
+  if index in misaligned:
+    error = ERRORS[sorted(misaligned).index(index) % len(ERRORS)]
+    if error == "color_binding":  # the colours swapped between the two objects
+      drawn = [dict(objects[0], color=objects[1]["color"]), dict(objects[1], color=objects[0]["color"])]
+    elif error == "relation":
+      drawn = _mirror(objects, rel, image_size)
+    else:  # one named object missing
+      drawn = [objects[int(rng.integers(2))]]
+  image = render(drawn, image_size, antialias=opts["antialias"])
+  turns = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": caption}]
+  meta = {"qtype": error or "aligned", "caption": caption, "misaligned": error is not None, "error": error,
+          "caption_objects": objects, "objects": drawn, "boxes": [padded_box(o, image_size) for o in drawn]}
+  return _record("generated", split, index, "caption", [image], turns, meta)
+
+
+_GUIDANCE_TASKS = {"spatial_boxes": _spatial_boxes, "hard_negative": _hard_negative, "refer": _refer_task}

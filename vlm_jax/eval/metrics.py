@@ -504,3 +504,12 @@ def mean_perplexity(token_logprobs, mask=None, *, token_weighted: bool = False) 
   per_sample = perplexity(token_logprobs, mask)
   per_sample = per_sample[~np.isnan(per_sample)]
   return float(per_sample.mean()) if per_sample.size else float("nan")
+
+
+def auroc(positive, negative) -> float:
+  """P(a positive's score > a negative's), ties counted half (Mann-Whitney U / n+ n-)."""
+  pos, neg = np.asarray(positive, np.float64), np.sort(np.asarray(negative, np.float64))
+  if not len(pos) or not len(neg):
+    return float("nan")
+  below, at_or_below = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
+  return float((below + 0.5 * (at_or_below - below)).sum() / (len(pos) * len(neg)))

@@ -34,11 +34,11 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from vlm_jax import report
 from vlm_jax.curation import jobs, perplexity, scoring
 from vlm_jax.data import builders, rendering, sources
+from vlm_jax.eval.metrics import auroc
 from vlm_jax.data.tokenizer import load_tokenizer, shapes_world_tokenizer
 from vlm_jax.experiments.shapes import common
 from vlm_jax.train.loop import stop_unless_finished, train
@@ -120,15 +120,6 @@ def score_and_filter(config, scorer_dir: str, datasets: dict, tok_dir: str, data
     scored = json.load(f)
   return {**summary, "scoring wall (s)": scored.get("wall (s)"), "samples/s": scored.get("samples/s"),
           "wall (s)": round(time.time() - start, 1)}
-
-
-def auroc(positive, negative) -> float:
-  """P(a positive's score > a negative's), ties counted half (Mann-Whitney U / n+ n-)."""
-  pos, neg = np.asarray(positive, np.float64), np.sort(np.asarray(negative, np.float64))
-  if not len(pos) or not len(neg):
-    return float("nan")
-  below, at_or_below = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
-  return float((below + 0.5 * (at_or_below - below)).sum() / (len(pos) * len(neg)))
 
 
 def removal_quality(scores, kept_ids, flags: dict) -> dict:
