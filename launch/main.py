@@ -52,9 +52,12 @@ JOBS = {name: _lazy(target) for name, target in {
     "filter": "vlm_jax.curation.jobs:filter_data",
     "prune": "vlm_jax.sparsity.jobs:prune",
     "repair": "vlm_jax.sparsity.jobs:repair",
+    "fewshot": "vlm_jax.adapters.jobs:fewshot",
+    "region_guidance": "vlm_jax.guidance.jobs:evaluate",
     # the shapes-world demonstrations: vlm_jax/experiments/shapes/<name>.py, configs/shapes/<name>.py
     **{f"shapes_{name}": f"vlm_jax.experiments.shapes.{name}:run" for name in ("vila", "ppl_filter", "soups",
-                                                                               "sparsity")},
+                                                                               "sparsity", "region_guidance",
+                                                                               "fewshot")},
 }.items()}
 
 
