@@ -12,6 +12,7 @@ import pytest
 
 from configs import models
 from vlm_jax.data import shapes_world as sw
+from vlm_jax.eval import metrics
 from vlm_jax.guidance import jobs, tasks
 from vlm_jax.guidance.masking import black_out
 
@@ -114,7 +115,7 @@ def test_refer_and_spatial_boxes_hold_their_objects():
 
 
 def test_helpers():
-  assert tasks.auroc([3, 4], [1, 2]) == 1.0 and tasks.auroc([1], [1]) == 0.5 and tasks.auroc([0], [1, 2]) == 0.0
+  assert metrics.auroc([3, 4], [1, 2]) == 1.0 and metrics.auroc([1], [1]) == 0.5 and metrics.auroc([0], [1, 2]) == 0.0
   assert jobs.choose_alpha([0.0, 0.5, 1.0], [0.2, 0.4, 0.4]) == 0.5
   r = recs("region", num=2, qtypes=("region_color",))[0]
   assert tasks.candidates_of(meta(r)) == list(sw.COLOR_NAMES)

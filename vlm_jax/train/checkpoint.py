@@ -40,7 +40,7 @@ class CheckpointCorrupt(ValueError):
 def _crc32(path: str) -> str:
   crc = 0
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
+    for chunk in iter(lambda: f.read(1 << 20), b""):
       crc = zlib.crc32(chunk, crc)
   return f"{crc:08x}"
 
