@@ -91,6 +91,7 @@ def test_decoding_with_a_cache_runs_xla_for_every_setting(impl):
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # ~11 s; the decoder and the attention function are compared in the default run
 @pytest.mark.parametrize("impl", OTHERS)
 def test_vlm_logits_equal_xla(impl):
   ref = build_model(presets.get_config("tiny"))
@@ -107,6 +108,7 @@ def test_vlm_logits_equal_xla(impl):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # ~11 s
 @pytest.mark.parametrize("impl", OTHERS)
 def test_siglip_tower_and_text_tower_equal_xla(impl):
   """The attention-pooling head (one query) and the padded causal / bidirectional text towers."""

@@ -33,6 +33,7 @@ def ppl_run(tmp_path_factory):
   return config, str(workdir), shapes_demo.run(config, str(workdir))
 
 
+@pytest.mark.slow  # a scaled-down demonstration end to end: ~1 min
 def test_ppl_demo_precision_and_recall_are_a_hand_count_on_the_scores(ppl_run):
   config, workdir, result = ppl_run
   w = config.world
@@ -64,6 +65,7 @@ def test_ppl_demo_precision_and_recall_are_a_hand_count_on_the_scores(ppl_run):
     assert pre["filtered"][key] == pre["unfiltered"][key]
 
 
+@pytest.mark.slow
 def test_ppl_demo_table_json_and_rerun_skips_finished_steps(ppl_run, capsys):
   config, workdir, result = ppl_run
   metrics = [r["metric"] for r in result["table"]]
@@ -91,6 +93,7 @@ def test_removal_quality_counts_unscored_records_as_removed():
   assert q["auroc"] == 1.0 and shapes_demo.auroc([1.0], [1.0]) == 0.5
 
 
+@pytest.mark.slow  # ~50 s
 def test_soup_demo_runs_every_row_and_selects_on_validation(tmp_path, capsys):
   config = quick(shapes_soups)
   result = soups_demo.run(config, str(tmp_path))

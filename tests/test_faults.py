@@ -78,6 +78,7 @@ def test_another_runs_workdir_is_refused_untouched_unless_overwrite_is_asked(str
   assert open(os.path.join(workdir, "config.1.json")).read() == before["config.json"]
 
 
+@pytest.mark.slow  # three runs: ~15 s
 def test_a_resume_with_a_changed_config_keeps_the_earlier_one(tmp_path):
   train(config(total_steps=4), str(tmp_path))
   first = open(tmp_path / "config.json").read()
@@ -103,7 +104,8 @@ def test_data_that_runs_out_stops_with_a_checkpoint_and_says_so(tmp_path, monkey
   assert max(losses(tmp_path)) == 6
 
 
-@pytest.mark.parametrize("signal_name, status", [("SIGINT", "interrupted by Ctrl-C"), ("SIGTERM", "preempted")])
+@pytest.mark.parametrize("signal_name, status", [  # SIGTERM on any other step: test_train
+    ("SIGINT", "interrupted by Ctrl-C"), pytest.param("SIGTERM", "preempted", marks=pytest.mark.slow)])
 def test_a_signal_on_a_checkpoint_step_saves_once_and_resumes(straight_run, tmp_path, signal_name, status):
   """Ctrl-C is handled like SIGTERM; a signal right after a checkpoint step (10) does not save it twice,
   and that step's metrics line is written; the same command then finishes as an uninterrupted run."""
@@ -116,6 +118,7 @@ def test_a_signal_on_a_checkpoint_step_saves_once_and_resumes(straight_run, tmp_
   np.testing.assert_array_equal(sorted(losses(tmp_path)), np.arange(1, 21))
 
 
+@pytest.mark.slow  # two runs: ~20 s
 def test_deleted_checkpoints_restart_from_zero_and_keep_the_old_metrics(tmp_path):
   train(config(total_steps=3), str(tmp_path))
   old = open(tmp_path / "metrics.jsonl").read()

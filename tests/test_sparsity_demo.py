@@ -18,6 +18,7 @@ def demo(tmp_path_factory):
   return root, config, table
 
 
+@pytest.mark.slow  # the scaled-down demonstration: ~45 s
 def test_demo_writes_the_table_json_and_plot(demo):
   root, config, table = demo
   assert [r["setting"] for r in table] == ["dense", "unstructured50_vl"]
@@ -33,6 +34,7 @@ def test_demo_writes_the_table_json_and_plot(demo):
   assert shapes_demo.run(config, str(root / "demo"))[1] == row
 
 
+@pytest.mark.slow  # needs the demonstration's data
 def test_prune_job_from_a_config_file(demo):
   root, _, _ = demo
   from vlm_jax.sparsity import jobs

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from configs.shapes import vila as shapes_vila
 from vlm_jax.experiments.shapes import vila
@@ -75,10 +76,10 @@ def test_without_pretraining_everything_trains_from_scratch():
   assert steps == {n: shapes_vila.STEPS[n] for n in config.stage_order}
 
 
+@pytest.mark.slow  # two scaled-down main jobs: ~40 s; test_job_preemption covers the rule in seconds
 def test_preemption_in_a_stage_stops_the_job_and_the_rerun_finishes_it(tmp_path, monkeypatch):
   """SIGTERM in stage 1: nothing after it runs (no stage 2 on a partial stage 1, no eval.json);
   the same call again finishes stage 1 and then trains stage 2 from its last step."""
-  import pytest
   from vlm_jax.train.loop import RunStopped
   config = shapes_vila.get_config("quick=True,pretrain=False")
   with config.unlocked():
