@@ -58,7 +58,7 @@ def _lm_config(impl: str, dtype: str, **kw) -> LMConfig:
                   mlp_dim=64, attention=impl, dtype=dtype, **kw)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl", OTHERS)
 def test_decoder_logits_equal_xla(impl, dtype):
   """GQA decoder on a left-padded batch and on a packed one (scanned layers: the same call)."""

@@ -133,6 +133,7 @@ def test_a_finished_repair_is_reported_not_redone(monkeypatch, tmp_path, capsys)
   assert (tmp_path / "run.old" / "merged" / "sparsity.json").exists() and not run.exists()
 
 
+@pytest.mark.slow  # a real repair: ~10 s; the default suite checks the rule on a finished workdir
 def test_a_real_repair_rerun_is_reported_not_redone(monkeypatch, tmp_path, capsys):
   model, dense_params, pruned, masks = _lm_and_masks("2:4")
   masks_dir, dense_dir, run = str(tmp_path / "prune"), str(tmp_path / "dense"), str(tmp_path / "run")

@@ -71,6 +71,7 @@ def test_one_device_and_eight_sharded_devices_agree(straight_run, tmp_path):
   np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-5)
 
 
+@pytest.mark.slow  # two JAX processes through jax.distributed: ~40 s
 def test_two_processes_match_one_process(tmp_path):
   """2 processes x 2 devices through jax.distributed on 127.0.0.1 == 1 process x 4 devices."""
   args = [f"--config={ROOT}/configs/tiny_train.py", f"--workdir={tmp_path / 'multi'}",
@@ -85,6 +86,7 @@ def test_two_processes_match_one_process(tmp_path):
   np.testing.assert_allclose([multi[s] for s in sorted(single)], [single[s] for s in sorted(single)], rtol=1e-5)
 
 
+@pytest.mark.slow  # two launcher processes: ~30 s; SIGTERM resume runs in the default suite
 def test_sigkill_then_same_command_resumes_bit_identically(straight_run, tmp_path):
   workdir = str(tmp_path)
   cmd = [sys.executable, "-m", "launch.main", f"--config={ROOT}/configs/tiny_train.py", f"--workdir={workdir}",

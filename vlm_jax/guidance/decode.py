@@ -32,7 +32,7 @@ import numpy as np
 
 from vlm_jax.data.pipeline import vision_settings
 from vlm_jax.guidance import masking
-from vlm_jax.models.generate import sample_token
+from vlm_jax.models.generate import decode_loop
 from vlm_jax.models.lm import KVCache
 from vlm_jax.models.vlm import VLM
 
@@ -116,30 +116,13 @@ def _compiled_generate(config, key: str, max_new_tokens: int, temperature: float
     def guide(logits):  # [2b, vocab] -> [b, vocab]
       return combine(logits[:b], logits[b:], alpha, guided_rows)
 
-    def pick(logits, rng_t, done):
-      token = jnp.where(done, pad_token_id, sample_token(logits, rng_t, temperature, top_p))
-      return token, done if eos_token_id is None else done | (token == eos_token_id)
+    def next_logits(token, cache, pos):  # both branches take the token chosen from the guided logits
+      out = model.apply({"params": params}, jnp.concatenate([token, token])[:, None],
+                        attention_mask=jnp.ones((2 * b, 1), bool), positions=pos[:, None], cache=cache)
+      return out.cache, guide(out.logits[:, -1])
 
-    rngs = jax.random.split(rng, max_new_tokens)
-
-    def unfinished(carry):
-      t, _, _, _, done, _ = carry
-      return (t < max_new_tokens - 1) & ~jnp.all(done)
-
-    def step(carry):
-      t, cache, logits, pos, done, tokens = carry
-      token, done = pick(logits, rngs[t], done)
-      both = jnp.concatenate([token, token])[:, None]
-      out = model.apply({"params": params}, both, attention_mask=jnp.ones((2 * b, 1), bool),
-                        positions=pos[:, None] + 1, cache=cache)
-      return t + 1, out.cache, guide(out.logits[:, -1]), pos + 1, done, tokens.at[:, t].set(token)
-
-    tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
-    carry = (jnp.int32(0), out.cache, guide(out.logits[:, -1]), positions[:, -1], jnp.zeros((b,), bool),
-             tokens)
-    t, _, logits, _, done, tokens = jax.lax.while_loop(unfinished, step, carry)
-    last, _ = pick(logits, rngs[t], done)
-    return tokens.at[:, t].set(last.astype(jnp.int32))
+    return decode_loop(guide(out.logits[:, -1]), out.cache, positions[:, -1], next_logits, max_new_tokens,
+                       temperature, top_p, eos_token_id, pad_token_id, rng)
 
   return jax.jit(run)
 

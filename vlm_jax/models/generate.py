@@ -6,7 +6,7 @@ prompts decode the same tokens.
 """
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,39 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: f
   return jax.random.categorical(rng, logits, axis=-1)
 
 
+def decode_loop(first_logits: jax.Array, cache, last_positions: jax.Array, next_logits: Callable,
+                max_new_tokens: int, temperature: float, top_p: float, eos_token_id: Optional[int],
+                pad_token_id: int, rng: jax.Array) -> jax.Array:
+  """The token loop after the prompt's forward pass, inside jit: `[b, max_new_tokens]` tokens.
+
+  `next_logits(token [b], cache, positions [b]) -> (cache, logits [b, vocab])` runs one step;
+  rows stop at `eos_token_id` (then `pad_token_id`), and the loop exits once every row has.
+  At most n-1 steps run: the last token needs no forward pass of its own.
+  """
+  b = first_logits.shape[0]
+  rngs = jax.random.split(rng, max_new_tokens)
+
+  def pick(logits, rng_t, done):
+    token = jnp.where(done, pad_token_id, sample_token(logits, rng_t, temperature, top_p))
+    return token, done if eos_token_id is None else done | (token == eos_token_id)
+
+  def unfinished(carry):
+    t, _, _, _, done, _ = carry
+    return (t < max_new_tokens - 1) & ~jnp.all(done)
+
+  def step(carry):
+    t, cache, logits, pos, done, tokens = carry
+    token, done = pick(logits, rngs[t], done)
+    cache, logits = next_logits(token, cache, pos + 1)
+    return t + 1, cache, logits, pos + 1, done, tokens.at[:, t].set(token)
+
+  tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
+  carry = (jnp.int32(0), cache, first_logits, last_positions, jnp.zeros((b,), bool), tokens)
+  t, _, logits, _, done, tokens = jax.lax.while_loop(unfinished, step, carry)
+  last, _ = pick(logits, rngs[t], done)
+  return tokens.at[:, t].set(last.astype(jnp.int32))
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(module_type: type, config, max_new_tokens: int, temperature: float, top_p: float,
               eos_token_id: Optional[int], pad_token_id: int):
@@ -44,30 +77,13 @@ def _compiled(module_type: type, config, max_new_tokens: int, temperature: float
     out = model.apply({"params": params}, input_ids, attention_mask=attention_mask,
                       positions=positions, cache=cache, **extra)
 
-    def pick(logits, rng_t, done):
-      token = jnp.where(done, pad_token_id, sample_token(logits, rng_t, temperature, top_p))
-      return token, done if eos_token_id is None else done | (token == eos_token_id)
-
-    rngs = jax.random.split(rng, max_new_tokens)
-
-    def unfinished(carry):
-      t, _, _, _, done, _ = carry
-      return (t < max_new_tokens - 1) & ~jnp.all(done)
-
-    def step(carry):
-      t, cache, logits, pos, done, tokens = carry
-      token, done = pick(logits, rngs[t], done)
+    def next_logits(token, cache, pos):
       out = model.apply({"params": params}, token[:, None], attention_mask=jnp.ones((b, 1), bool),
-                        positions=pos[:, None] + 1, cache=cache)
-      return t + 1, out.cache, out.logits[:, -1], pos + 1, done, tokens.at[:, t].set(token)
+                        positions=pos[:, None], cache=cache)
+      return out.cache, out.logits[:, -1]
 
-    tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
-    carry = (jnp.int32(0), out.cache, out.logits[:, -1], positions[:, -1], jnp.zeros((b,), bool), tokens)
-    # At most n-1 decode steps (the last token needs no forward pass of its own),
-    # fewer when every row has finished: the rest stays padding.
-    t, _, logits, _, done, tokens = jax.lax.while_loop(unfinished, step, carry)
-    last, _ = pick(logits, rngs[t], done)
-    return tokens.at[:, t].set(last.astype(jnp.int32))
+    return decode_loop(out.logits[:, -1], out.cache, positions[:, -1], next_logits, max_new_tokens,
+                       temperature, top_p, eos_token_id, pad_token_id, rng)
 
   return jax.jit(run)
 
