@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_train import assert_trees_equal, config, final_params, losses
+from tests.test_train import abstract_of, assert_trees_equal, config, final_params, losses
 from vlm_jax.data.synthetic import SyntheticBatches
 from vlm_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_params
 from vlm_jax.train.loop import train
@@ -28,16 +28,6 @@ def _truncate_data_files(step_dir):
         open(os.path.join(root, f), "w").close()
 
 
-def _abstract(c):
-  from tests.test_train import make_mesh, param_shapes_and_shardings
-  import jax
-  from vlm_jax.models import build_model
-  from vlm_jax.train.checkpoint import abstract_like
-  abstract, shardings = param_shapes_and_shardings(build_model(c.model), make_mesh({"data": 1}, jax.devices()[:1]),
-                                                   c.rules)
-  return abstract_like(abstract, shardings)
-
-
 def test_a_torn_newest_checkpoint_is_set_aside_and_saved_again(straight_run, tmp_path):
   workdir = _copy(straight_run, tmp_path)
   _truncate_data_files(os.path.join(workdir, "checkpoints", "20"))
@@ -46,15 +36,15 @@ def test_a_torn_newest_checkpoint_is_set_aside_and_saved_again(straight_run, tmp
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "20.corrupt"))
   assert Checkpointer(os.path.join(workdir, "checkpoints")).steps() == [10, 15, 20]  # 20 saved again
   c = config()  # and it is what the uninterrupted run saved
-  assert_trees_equal(restore_params(workdir, _abstract(c), step=20), restore_params(straight_run, _abstract(c)))
+  assert_trees_equal(restore_params(workdir, abstract_of(c), step=20), restore_params(straight_run, abstract_of(c)))
 
 
 def test_init_from_a_run_whose_newest_step_is_torn_falls_back_with_one_line(straight_run, tmp_path, caplog):
   workdir = _copy(straight_run, tmp_path)
   _truncate_data_files(os.path.join(workdir, "checkpoints", "20"))
   c = config()
-  params = restore_params(workdir, _abstract(c))
-  assert_trees_equal(params, restore_params(straight_run, _abstract(c), step=15))
+  params = restore_params(workdir, abstract_of(c))
+  assert_trees_equal(params, restore_params(straight_run, abstract_of(c), step=15))
   assert [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()] == [
       f"checkpoint {workdir}/checkpoints/20 is unreadable (CheckpointCorrupt); using an older one"]
 

@@ -35,13 +35,17 @@ def losses(workdir):
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def final_params(workdir, like_config):
+def abstract_of(like_config):
+  """The config's parameters as ShapeDtypeStructs on one device: what a checkpoint restores into."""
   from vlm_jax.models import build_model
-  model = build_model(like_config.model)
-  mesh = make_mesh({"data": 1}, jax.devices()[:1])
-  abstract, shardings = param_shapes_and_shardings(model, mesh, like_config.rules)
   from vlm_jax.train.checkpoint import abstract_like
-  return restore_params(workdir, abstract_like(abstract, shardings))
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  abstract, shardings = param_shapes_and_shardings(build_model(like_config.model), mesh, like_config.rules)
+  return abstract_like(abstract, shardings)
+
+
+def final_params(workdir, like_config):
+  return restore_params(workdir, abstract_of(like_config))
 
 
 def assert_trees_equal(a, b):
