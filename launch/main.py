@@ -5,7 +5,8 @@ r"""Runs any vlm_jax job from a config file, on one CPU or on a pod.
         --config.total_steps=100 --config.mesh.fsdp=4
 
 `--config.key=value` overrides any key; a mistyped key is an error naming it, and so
-is a missing config file (one line) or `total_steps` < 1. `--workdir=~/x` is expanded.
+is a missing config file (one line) or `total_steps` < 1. A checkpoint that cannot be
+written (a full disk) ends the run with one message naming the intact checkpoints. `--workdir=~/x` is expanded.
 The config's `job` says what runs (`train`, ...). Running the same command
 again resumes from the newest checkpoint in the workdir.
 
@@ -79,11 +80,14 @@ def main(argv):
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))  # `--workdir=~/x` is not expanded by the shell
   from vlm_jax.parallel import initialize
   initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
+  from vlm_jax.train.checkpoint import CheckpointWriteFailed
   from vlm_jax.train.loop import RunStopped
   try:
     JOBS[name](config, workdir)
   except RunStopped as e:  # saved; nothing after the cut-short run ran
     logging.warning("stopped early: %s", e)
+  except CheckpointWriteFailed as e:  # e.g. a full disk: what is intact and what to do, in one message
+    sys.exit(f"error: {e}")
 
 
 def parse_flags(argv):

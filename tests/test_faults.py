@@ -144,3 +144,53 @@ def test_nonpositive_total_steps_is_refused(tmp_path):
   with pytest.raises(ValueError, match="total_steps must be positive, got 0"):
     train(config(total_steps=0), str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _private_tmpfs_prefix() -> list:
+  """`unshare` arguments that give a child its own mount namespace (and, without root, a user
+  namespace that may mount), or None where this machine allows neither."""
+  import subprocess
+  for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+    probe = subprocess.run(prefix + ["sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    if probe.returncode == 0:
+      return prefix
+  return None
+
+
+def test_a_full_disk_during_a_save_ends_with_one_message_and_the_previous_checkpoint_intact(tmp_path):
+  """A real full disk: the run's workdir on a 10 MiB tmpfs (in a private mount namespace), one
+  checkpoint of the tiny model (~6 MiB) fits and the next does not. The run ends with one line
+  naming the step, the free space and the intact step; no traceback; the partial write is gone
+  and the step before reads back, checksums and all."""
+  import subprocess
+  import sys
+  from vlm_jax.train.checkpoint import verify_checksums
+  prefix = _private_tmpfs_prefix()
+  if prefix is None:
+    pytest.skip("this machine lets no process mount a tmpfs (no root, no user namespaces)")
+  mnt, out = tmp_path / "mnt", tmp_path / "out"
+  mnt.mkdir(), out.mkdir()
+  script = ('mount -t tmpfs -o size=10m tmpfs "$1" || exit 99; '
+            '"$2" -m launch.main --config=configs/tiny_train.py --workdir="$1/run" --config.total_steps=4 '
+            '--config.checkpoint_every=2 --config.progress=False 2> "$3/stderr"; echo $? > "$3/rc"; '
+            'cp -r "$1/run" "$3/run"')
+  subprocess.run(prefix + ["sh", "-c", script, "sh", str(mnt), sys.executable, str(out)], check=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  stderr = (out / "stderr").read_text()
+  assert int((out / "rc").read_text()) == 1, stderr
+  assert "Traceback" not in stderr, stderr
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith("error: cannot write checkpoint step 4 to "), stderr
+  assert "the disk is full" in errors[0] and "Intact checkpoints: [2]" in errors[0], errors[0]
+  assert "resumes from step 2" in errors[0]
+  ckpts = out / "run" / "checkpoints"
+  assert sorted(os.listdir(ckpts)) == ["2"]  # the partial step-4 write was removed
+  verify_checksums(str(ckpts / "2"))
+  restored = final_params(str(out / "run"), config())
+  assert np.isfinite(np.concatenate([np.ravel(x) for x in jax_leaves(restored)])).all()
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)

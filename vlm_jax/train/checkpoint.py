@@ -13,11 +13,19 @@ Bit rot: once a step is written, `checksums.json` in its directory records the C
 every file; every read (resume, `init=checkpoint:`, soups and pruning via `read_params`)
 verifies the files it reads first, so flipped bytes of the same size are caught
 (`CheckpointCorrupt`) instead of restoring silently wrong values.
+
+A save that cannot be written (disk full, quota, a file-size limit) raises one
+`CheckpointWriteFailed` naming the step, the free space and the intact steps; its partial
+directory is removed (the space goes back to the next try) and Orbax's own per-thread
+tracebacks of the same failure are not logged. The earlier checkpoints are untouched.
 """
 
+import errno
+import glob
 import json
 import logging
 import os
+import shutil
 import zlib
 from typing import Any, Optional
 
@@ -78,6 +86,50 @@ def verify_checksums(step_dir: str, under: str = "") -> None:
                               f"written {crc}): bit rot or an overwrite")
 
 
+class CheckpointWriteFailed(OSError):
+  """A checkpoint could not be written; the earlier ones are intact (see the module docstring)."""
+
+
+_OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How an out-of-space write reads once TensorStore has turned it into a ValueError.
+_OUT_OF_SPACE_TEXT = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota exceeded", "File too large")
+
+
+def is_out_of_space(e: BaseException) -> bool:
+  """Whether `e` (or an exception it was raised from) is a write that ran out of space."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _OUT_OF_SPACE_ERRNOS:
+      return True
+    if any(text in str(e) for text in _OUT_OF_SPACE_TEXT):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class _QuietOutOfSpace(logging.Filter):
+  """Drops Orbax's own log records of an out-of-space write (one per background thread, each
+  with a traceback): the Checkpointer reports that failure once, as CheckpointWriteFailed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (any(text in record.getMessage() for text in _OUT_OF_SPACE_TEXT)
+                or (exc is not None and is_out_of_space(exc)))
+
+
+def _quiet_orbax_out_of_space() -> None:
+  logger = logging.getLogger("absl")  # Orbax logs through absl
+  if not any(isinstance(f, _QuietOutOfSpace) for f in logger.filters):
+    logger.addFilter(_QuietOutOfSpace())
+
+
+def _size(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class CheckpointMismatch(ValueError):
   """The checkpoint holds another model's parameters (names or shapes differ)."""
 
@@ -122,23 +174,53 @@ class Checkpointer:
     self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                                 create=True)
     self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self.options)
+    self.in_flight: Optional[int] = None  # the step being written asynchronously
+    self.failed = False
+    _quiet_orbax_out_of_space()
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, params: Any, train: Any, data_state: dict, force: bool = False) -> None:
     """Saves `step` (asynchronously when configured); an error when Orbax declines (a save that
-    silently did nothing loses work). The previous step is sealed with its checksums first."""
+    silently did nothing loses work). The previous step is sealed with its checksums first.
+    A write that fails raises CheckpointWriteFailed (now, or at the next save or close)."""
     self.wait()
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-        data=ocp.args.JsonSave(data_state)), force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+          data=ocp.args.JsonSave(data_state)), force=force)
+    except Exception as e:  # noqa: BLE001 — reported once, with what is intact
+      raise self._write_failed(step, e) from e
     if not saved:
       raise RuntimeError(f"Orbax did not save step {step} in {self.directory} (steps there: {self.steps()})")
+    self.in_flight = step
+    if not self.options.enable_async_checkpointing:
+      self.wait()
+
+  def _write_failed(self, step: int, e: Exception) -> CheckpointWriteFailed:
+    """The one error of a failed save; its partial directory is removed to give the space back."""
+    self.failed = True
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(partial, ignore_errors=True)
+    intact = [s for s in self.steps() if s != step]
+    free = shutil.disk_usage(self.directory).free
+    why = "the disk is full" if is_out_of_space(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    resume = (f"running the same command again resumes from step {intact[-1]}" if intact
+              else "no earlier checkpoint exists, so running it again starts from step 0")
+    return CheckpointWriteFailed(
+        f"cannot write checkpoint step {step} to {self.directory}: {why} ({_size(free)} free now, after "
+        f"removing the partial write). Intact checkpoints: {intact or 'none'}. Free some space (or lower "
+        f"config.checkpoint.keep); {resume}.")
 
   def wait(self) -> None:
     """Waits for the writes in flight, then records the checksums of the finished steps."""
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 — an asynchronous write failed: reported once
+      raise self._write_failed(self.in_flight, e) from e
+    self.in_flight = None
     if jax.process_index() == 0:
       for step in self.steps():
         step_dir = os.path.join(self.directory, str(step))
@@ -181,8 +263,14 @@ class Checkpointer:
     return target
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    """Waits for the writes in flight; after a failed write (already raised) only releases Orbax."""
+    if not self.failed:
+      self.wait()
+    try:
+      self.manager.close()
+    except Exception:  # noqa: BLE001 — the failure was raised once already
+      if not self.failed:
+        raise
 
 
 def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None, partial: bool = False) -> Any:
