@@ -15,8 +15,12 @@ Stages (each source a random-access sequence of records: vlm_jax.data.sources):
   1. indices    per source: range(len) -> this host's shard [process_index::process_count]
                 -> global shuffle (grain index shuffle, seeded by (seed, source name),
                 reshuffled every epoch) -> repeat(num_epochs; None = forever)
-  2. mixture    grain `MapDataset.mix` of the sources with the given weights (exact
-                proportions: weights 1:1 alternate, 3:1 take three then one, ...)
+  2. mixture    grain `MapDataset.mix` of the sources with the given weights, exact and
+                deterministic: of the first n records, source i gives ceil(n·w_i / Σw)
+                (give or take one), so weights 1:1 alternate and any window of n records
+                holds n/2 of each (±1); 3:1 takes three then one. Weights are scaled so the
+                smallest is 100 and cut to integers (0.3:0.7 mixes as 100:233). Exact over
+                the records read: a skipped bad record is not replaced by one of its source.
   3. process    in grain's reader threads: read the record, render it (chat template and
                 targets: vlm_jax.data.rendering), check it, decode and preprocess its
                 images. A bad record becomes a "skip" marker with a reason, counted by
@@ -38,6 +42,8 @@ Bad records: skipped and counted by reason (`iterator.skipped()`), never trained
                         token run when the cut falls inside one, and its later images
                         dropped; skipped only if no target token survives)
   too_many_images       more images than the image slots of a row
+  bad_codes             image codes (schema `codes`) of another length than data.image_codes,
+                        or not non-negative integers, or codes while data.image_codes is 0
   malformed_record      unknown kind or role, no turns, <image> in an assistant turn,
                         a caption without exactly one assistant turn
   unreadable_record     reading the record from its source failed
@@ -75,6 +81,11 @@ Config (`default_config()`; the `data` block of an experiment config; `from_conf
   prefetch           records read ahead
   max_consecutive_skips  records skipped in a row (none batched) that stop the iterator
                      with an error (None: never)
+  image_codes        T, the length of the code grids of images given as codes (Synth²
+                     pairs, vlm_jax.data.synthetic_pairs): batches then carry image_codes
+                     int32 [B, M, T] and code_given int32 [B, M] (schema.py). 0: off, and
+                     batches carry neither key; a source whose data set holds codes is then
+                     refused, as is one whose codes have another length
   source             (optional) "pipeline"; the train loop's switch to synthetic batches
 Given a model config (`from_config(data, model)`), image_size, tokens_per_image,
 image_token_id and normalization left None are taken from its vision tower.
@@ -110,7 +121,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 SKIP_REASONS = ("undecodable_image", "missing_image", "image_count_mismatch", "empty_target",
-                "too_long", "too_many_images", "malformed_record", "unreadable_record",
+                "too_long", "too_many_images", "bad_codes", "malformed_record", "unreadable_record",
                 "processing_error")
 _MAX_SKIP_WARNINGS = 5  # per reason
 
@@ -124,7 +135,8 @@ class _Example:
   id: str
   ids: np.ndarray
   mask: np.ndarray
-  images: list
+  images: list  # per image: float32 [S, S, 3] pixels, or None where given as codes
+  codes: list = dataclasses.field(default_factory=list)  # per image: int32 [T] ([] when pixels)
 
 
 @dataclasses.dataclass
@@ -163,6 +175,7 @@ def default_config():
       num_threads=4,
       prefetch=64,
       max_consecutive_skips=1000,
+      image_codes=0,
   ))
 
 
@@ -198,7 +211,7 @@ class Pipeline:
                num_epochs: Optional[int] = None,
                chat_template: Union[None, rendering.ChatTemplate, Mapping[str, str]] = None,
                num_threads: int = 4, prefetch: int = 64, data_dir: Optional[str] = None,
-               max_consecutive_skips: Optional[int] = 1000,
+               max_consecutive_skips: Optional[int] = 1000, image_codes: int = 0,
                process_index: Optional[int] = None, process_count: Optional[int] = None):
     if process_index is None or process_count is None:
       process_index = jax.process_index() if process_index is None else process_index
@@ -224,6 +237,8 @@ class Pipeline:
       raise ValueError(f"num_epochs must be None (forever) or positive, got {num_epochs}")
     if max_consecutive_skips is not None and max_consecutive_skips <= 0:
       raise ValueError(f"max_consecutive_skips must be None (no bound) or positive, got {max_consecutive_skips}")
+    if not isinstance(image_codes, (int, np.integer)) or image_codes < 0:
+      raise ValueError(f"image_codes must be a non-negative integer (0: off), got {image_codes!r}")
 
     self.sources = [s if isinstance(s, sources_lib.Source) else sources_lib.Source(**dict(s))
                     for s in sources]
@@ -267,9 +282,12 @@ class Pipeline:
     self.batch_size = self.global_batch_size // self.process_count
     self.read_options = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
     self.max_consecutive_skips = max_consecutive_skips
+    self.image_codes = int(image_codes)
 
     self.sources = [sources_lib.resolve(s, data_dir) for s in self.sources]  # each data set opened once
     self.data_sources = [sources_lib.open_source(s) for s in self.sources]
+    for src in self.sources:
+      self._check_codes(src)
     self.build_skipped = self._build_skipped()
     parts = []
     for k, (src, ds) in enumerate(zip(self.sources, self.data_sources)):
@@ -289,7 +307,9 @@ class Pipeline:
         process_index=self.process_index, process_count=self.process_count,
         batch_size=self.batch_size, seq_len=self.seq_len, packing=self.packing, truncate=self.truncate,
         image_slots=self.image_slots, tokens_per_image=self.tokens_per_image,
-        image_token_id=self.image_token_id, chat_template=dataclasses.asdict(self.chat_template))))
+        image_token_id=self.image_token_id, chat_template=dataclasses.asdict(self.chat_template),
+        # only when on: states saved before image codes existed still resume
+        **({"image_codes": self.image_codes} if self.image_codes else {}))))
 
   @classmethod
   def from_config(cls, config, tokenizer=None, *, model=None, process_index: Optional[int] = None,
@@ -330,6 +350,20 @@ class Pipeline:
     cfg["image_size"] = cfg["image_size"] or 224
     cfg["normalization"] = cfg["normalization"] or "clip"
     return cls(cfg.pop("sources"), tokenizer, process_index=process_index, process_count=process_count, **cfg)
+
+  def _check_codes(self, source: sources_lib.Source) -> None:
+    """A data set of image codes needs data.image_codes set to its code length: refused at
+    once (not record by record) when the config does not fit it."""
+    features = getattr(getattr(source.builder, "info", None), "features", None)
+    if features is None or "codes" not in features.keys():
+      return
+    length = features["codes"].shape[-1]
+    if not self.image_codes:
+      raise ValueError(f"source {source.label} gives its images as codes ({length} per image): "
+                       f"set data.image_codes = {length}")
+    if length != self.image_codes:
+      raise ValueError(f"source {source.label} holds codes of {length} per image, but data.image_codes "
+                       f"is {self.image_codes}")
 
   def _build_skipped(self) -> dict[str, int]:
     """What the builds of the sources' data sets skipped, once per data set (not per split)."""
@@ -373,9 +407,21 @@ class Pipeline:
         ids, mask = ids[:self.seq_len], mask[:self.seq_len]
     if n_images > self.image_slots:
       raise BadRecord("too_many_images", f"{n_images} images > {self.image_slots} image slots")
+    if rec.codes:
+      codes = [self._checked_codes(c) for c in rec.codes[:n_images]]
+      return _Example(index, rec.id, ids, mask, [None] * n_images, codes)
     images = [preprocess_image(decode_image(rec.images[j]), self.image_size, self.resize_mode,
                                self.normalization) for j in range(n_images)]
     return _Example(index, rec.id, ids, mask, images)
+
+  def _checked_codes(self, codes: np.ndarray) -> np.ndarray:
+    if not self.image_codes:
+      raise BadRecord("bad_codes", "an image given as codes, but data.image_codes is 0")
+    if codes.shape != (self.image_codes,):
+      raise BadRecord("bad_codes", f"codes of shape {list(codes.shape)}, data.image_codes is {self.image_codes}")
+    if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0:
+      raise BadRecord("bad_codes", f"codes must be non-negative integers, got {codes.dtype} min {codes.min()}")
+    return codes.astype(np.int32)
 
   # -- iteration --
 
@@ -388,10 +434,14 @@ class Pipeline:
   def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{key: (shape, dtype)} of a batch (device keys), e.g. for jax.ShapeDtypeStruct."""
     b, l, m, s = self.batch_size, self.seq_len, self.image_slots, self.image_size
-    return {"input_ids": ((b, l), np.dtype(np.int32)), "loss_mask": ((b, l), np.dtype(np.float32)),
+    spec = {"input_ids": ((b, l), np.dtype(np.int32)), "loss_mask": ((b, l), np.dtype(np.float32)),
             "attention_mask": ((b, l), np.dtype(np.int32)), "positions": ((b, l), np.dtype(np.int32)),
             "segment_ids": ((b, l), np.dtype(np.int32)),
             "images": ((b, m, s, s, 3), np.dtype(np.float32))}
+    if self.image_codes:
+      spec["image_codes"] = ((b, m, self.image_codes), np.dtype(np.int32))
+      spec["code_given"] = ((b, m), np.dtype(np.int32))
+    return spec
 
 
 def _tag(k: int, i) -> tuple[int, int]:
@@ -552,6 +602,9 @@ class PipelineIterator:
         "segment_ids": np.zeros((b, l), np.int32),
         "images": np.zeros((b, m, s, s, 3), np.float32),
     }
+    if p.image_codes:
+      batch["image_codes"] = np.zeros((b, m, p.image_codes), np.int32)
+      batch["code_given"] = np.zeros((b, m), np.int32)
     ids = [""] * b
     for r, row in enumerate(rows):
       start = slot = 0
@@ -561,8 +614,12 @@ class PipelineIterator:
         batch["loss_mask"][r, start:start + n] = ex.mask
         batch["positions"][r, start:start + n] = np.arange(n, dtype=np.int32)
         batch["segment_ids"][r, start:start + n] = seg
-        for img in ex.images:
-          batch["images"][r, slot] = img
+        for j, img in enumerate(ex.images):
+          if img is None:  # given as codes
+            batch["image_codes"][r, slot] = ex.codes[j]
+            batch["code_given"][r, slot] = 1
+          else:
+            batch["images"][r, slot] = img
           slot += 1
         start += n
       batch["attention_mask"][r, :start] = 1

@@ -19,10 +19,13 @@ Rendering (`render`; see schema.py for the record kinds):
   - `template.system` (optional) follows BOS in non-caption records, not a target.
   EOS is the tokenizer's eos id (never the text "</s>"); image tokens are never targets.
 
+An image given as a code grid (a record's `codes`, schema.py) stands where its "<image>"
+does, exactly like an encoded one.
+
 A record that must not be trained on raises `BadRecord` (vlm_jax.data.preprocess) with
-the reason the input pipeline counts it under: malformed_record, empty_target,
-image_count_mismatch, missing_image (a caption without an image), and too_long from
-`truncate_tokens` when no target token survives the cut.
+the reason the input pipeline counts it under: malformed_record (also: images and codes
+in one record), empty_target, image_count_mismatch, missing_image (a caption without an
+image), and too_long from `truncate_tokens` when no target token survives the cut.
 """
 
 from __future__ import annotations
@@ -101,12 +104,19 @@ class TextEncoder:
 
 @dataclasses.dataclass
 class Record:
-  """A schema record with text decoded: turns as (role, content) pairs, images still encoded."""
+  """A schema record with text decoded: turns as (role, content) pairs, images still encoded
+  (or given as code grids, `codes`: int32 [T] arrays)."""
   id: str
   kind: str
   images: list
   turns: list[tuple[str, str]]
   meta: str = ""
+  codes: list = dataclasses.field(default_factory=list)
+
+  @property
+  def num_images(self) -> int:
+    """The images the text refers to, given as pixels or as codes."""
+    return len(self.images) + len(self.codes)
 
 
 def _text(x) -> str:
@@ -132,8 +142,10 @@ def parse_record(record: Union[Record, Mapping[str, Any]]) -> Record:
     pairs = [(_text(t["role"]), _text(t["content"])) for t in turns]
   images = record.get("images", [])
   images = [] if images is None else list(images)
+  codes = record.get("codes", [])
+  codes = [] if codes is None else [np.asarray(c) for c in codes]
   return Record(id=_text(record.get("id", "")), kind=_text(record.get("kind", "")), images=images,
-                turns=pairs, meta=_text(record.get("meta", "")))
+                turns=pairs, meta=_text(record.get("meta", "")), codes=codes)
 
 
 # --- Rendering --------------------------------------------------------------
@@ -223,11 +235,13 @@ def render(record, tokenizer, tokens_per_image: int, image_token_id: int,
   rec = parse_record(record)
   enc = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(tokenizer)
   segs, n_placeholders = _segments(rec, ChatTemplate.make(chat_template))
-  if rec.kind == "caption" and not rec.images:
+  if rec.images and rec.codes:
+    raise BadRecord("malformed_record", "a record holds images or codes, not both")
+  if rec.kind == "caption" and not rec.num_images:
     raise BadRecord("missing_image", "caption record without an image")
-  if n_placeholders != len(rec.images):
+  if n_placeholders != rec.num_images:
     raise BadRecord("image_count_mismatch",
-                    f"{n_placeholders} <image> placeholder(s) but {len(rec.images)} image(s)")
+                    f"{n_placeholders} <image> placeholder(s) but {rec.num_images} image(s)")
   encoded = iter(enc.encode([text for kind, text, _ in segs if kind == _TXT]))
   ids: list[int] = []
   mask: list[float] = []
