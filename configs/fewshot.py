@@ -4,6 +4,12 @@ Your images and a Hugging Face CLIP or SigLIP folder (images in <root>/<class na
 or <root>/{train,val,test}/<class name>/...):
     python -m launch.main --config='configs/fewshot.py:init=hf:/ckpt/clip-vit-base-patch32,data=folder:/data/photos' \
         --workdir=workdirs/fewshot_photos
+    (the same with init=hf:/ckpt/siglip-base-patch16-224; the folder holds the model's weights,
+    config.json and tokenizer files, as `save_pretrained` writes them). The image folder is
+    prepared once as a TFDS data set (builders.ImageFolder) under <workdir>/tfds (config.data.data_dir)
+    and reused; one folder of classes is split by seed into 60 / 20 / 20 % train / validation / test
+    per class. An empty class folder, or a class with fewer images than K, is an error; an
+    unreadable image is skipped and counted (fewshot.json: features.skipped).
 A contrastive run of ours on the built-in shapes world (24 classes, test + 3 shifted domains):
     python -m launch.main --config='configs/fewshot.py:init=checkpoint:workdirs/shapes_vila/vision,model=shapes_vila,tokenizer=workdirs/shapes_vila/tokenizer' \
         --workdir=workdirs/fewshot_shapes
@@ -13,12 +19,14 @@ The end-to-end check on a random tiny model (seconds; what the tests run):
 Extracts the features once (<workdir>/features.npz, reused; a cache of another model / data is
 refused), fits every method at every K and seed, searches α, β (λ) on the validation split only,
 evaluates the test splits once, prints the table and writes <workdir>/fewshot.json and the
-fitted adapters (<workdir>/adapters/*.npz).
+fitted adapters (<workdir>/adapters/*.npz, or Orbax folders with save_format=orbax; either
+applies later: `vlm_jax.adapters.Adapter.load(path)(features)`).
 
 Arguments: init (hf:<folder> | checkpoint:<run> | scratch), model ("" for hf:, "shapes_vila" for
 the main job's contrastive stage, "tiny" for a random tiny CLIP), tokenizer (a folder; not for
 hf:), data ("shapes" | "folder:<root>"), shots ("1;2;4;8;16"), seeds ("0;1;2"), noise ("0"; e.g.
-"0;0.2"), methods (";"-separated of vlm_jax.adapters.jobs.METHODS), views, epochs, quick.
+"0;0.2"), methods (";"-separated of vlm_jax.adapters.jobs.METHODS), views, epochs,
+save_format ("npz" | "orbax"), quick.
 """
 
 import ml_collections
@@ -50,19 +58,20 @@ def _model(name: str):
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, init="", model="", tokenizer="", data="shapes", shots="1;2;4;8;16", seeds="0;1;2",
-                       noise="0", methods="zero_shot;tip;tip_f;dual;dual_f", views=10, epochs=20, quick=False)
+                       noise="0", methods="zero_shot;tip;tip_f;dual;dual_f", views=10, epochs=20, save_format="npz",
+                       quick=False)
   q = a.quick
   c = default_config()
   c.job = "fewshot"
   c.init = a.init or ("scratch" if q else "")
   c.model = _model(a.model or ("tiny" if q else ""))
   c.tokenizer = a.tokenizer
-  c.resize = "crop"  # CLIP's processor: shorter side, centre crop
+  c.resize = ""  # the model's own processor: CLIP shorter side + centre crop, SigLIP stretch (or a preprocess mode)
   c.batch_size = 64
   c.data = ml_collections.ConfigDict(dict(
       source=a.data, seed=0, image_size=64, train=24 * 12 if q else 24 * 40, validation=96 if q else 480,
       test=96 if q else 960, domains=["standard", "outline", "palette", "noise"],
-      validation_fraction=0.2, test_fraction=0.2))
+      validation_fraction=0.2, test_fraction=0.2, data_dir=""))  # data_dir "": <workdir>/tfds
   c.templates = ["a photo of a {}.", "a picture of a {}.", "a {}.", "a single {}."]
   c.negative_templates = ["a photo without {}.", "a photo of no {}."]
   c.views = 2 if q else a.views
@@ -76,4 +85,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.grid = ml_collections.ConfigDict(dict(alpha=[0.1, 5.0, 20], beta=[0.1, 7.0, 20], lam=[0.0, 1.0, 11],
                                           geometric=[]))
   c.save_adapters = True
+  c.save_format = a.save_format
   return c

@@ -1,12 +1,12 @@
 """Few-shot adapters (vlm_jax/adapters, METHODS §5): formulas against hand computations and a NumPy
-re-implementation, the validation-only search, the feature cache, the data sources' bad inputs."""
+re-implementation, the validation-only search, the feature cache, the shapes-world default (image
+folders: tests/test_fewshot_folder.py)."""
 
 import os
 
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 import vlm_jax
 from vlm_jax import adapters
@@ -309,55 +309,8 @@ def test_feature_cache_reused_and_mismatches_refused(tmp_path):
     adapters.extract(enc, data, views=3, cache=cache)
 
 
-# ----------------------------------------------------------------------------- image folders
-
-def _write_images(folder, n, size=12, seed=0):
-  os.makedirs(folder, exist_ok=True)
-  r = np.random.default_rng(seed)
-  for i in range(n):
-    Image.fromarray(r.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-
-
-def test_image_folder_splits_and_skips_unreadable_images(tmp_path):
-  for c in ("cat", "dog"):
-    _write_images(tmp_path / c, 10)
-  (tmp_path / "dog" / "broken.jpg").write_bytes(b"not an image")
-  data = adapters.image_folder(str(tmp_path), validation_fraction=0.2, test_fraction=0.2)
-  assert data.class_names == ("cat", "dog")
-  assert data.skipped == {"bad_image": 1}
-  sizes = {s: len(v.labels) for s, v in data.splits.items()}
-  # dog has 11 files (1 unreadable): its split is 2 / 2 / 7 with one of them skipped
-  assert sizes["train"] + sizes["validation"] + sizes["test"] == 20
-  assert sorted(np.bincount(data.splits["validation"].labels).tolist()) == [2, 2] or sizes["validation"] == 3
-
-
-def test_image_folder_empty_class_is_an_error(tmp_path):
-  _write_images(tmp_path / "cat", 5)
-  os.makedirs(tmp_path / "dog")
-  with pytest.raises(ValueError, match="dog.*is empty"):
-    adapters.image_folder(str(tmp_path))
-
-
-def test_image_folder_split_folders_with_different_classes_are_an_error(tmp_path):
-  _write_images(tmp_path / "train" / "cat", 3)
-  _write_images(tmp_path / "train" / "dog", 3)
-  _write_images(tmp_path / "val" / "cat", 2)
-  _write_images(tmp_path / "val" / "cow", 2)
-  with pytest.raises(ValueError, match="class names of 'validation' differ"):
-    adapters.image_folder(str(tmp_path))
-
-
-def test_image_folder_fewer_images_than_k_is_an_error(tmp_path):
-  _write_images(tmp_path / "train" / "cat", 4)
-  _write_images(tmp_path / "train" / "dog", 2)
-  _write_images(tmp_path / "val" / "cat", 2)
-  _write_images(tmp_path / "val" / "dog", 2)
-  data = adapters.image_folder(str(tmp_path))
-  feats = adapters.extract(tiny_encoder(), data, views=1)
-  assert len(sample_shots(feats, k=2).keys[0]) == 2
-  with pytest.raises(ValueError, match="'dog' has 2 training image\\(s\\), fewer than K=4"):
-    sample_shots(feats, k=4)
-
+# ----------------------------------------------------------------------------- the shapes world
+# (image folders, their TFDS builder and bad inputs: tests/test_fewshot_folder.py)
 
 def test_shapes_world_default_has_24_classes_and_the_domains():
   data = adapters.shapes_world(train=48, validation=24, test=24)

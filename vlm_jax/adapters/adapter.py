@@ -1,5 +1,13 @@
 """A fitted few-shot classifier: its arrays, its hyper-parameters, `logits = adapter(f)`, and a small
-npz artifact (`adapter.save(path)`, `Adapter.load(path)`) that applies later to new images' features.
+artifact that applies later to new images' features:
+
+    adapter.save("dual.npz")                 # one npz: the arrays and a JSON `meta`
+    adapter.save("dual_adapter", "orbax")    # a folder: adapter.json (kind, class names, hparams,
+                                             # info) beside an Orbax params checkpoint of the arrays
+    Adapter.load(path)                       # either (a folder is the Orbax artifact)
+
+The Orbax artifact is written as the stack writes parameters (`train.checkpoint.save_params`:
+<folder>/checkpoints/0, CRC32-checked on read), so the tools that read checkpoints read it too.
 
 Kinds and the arrays they hold (all float32; see `logits.py` for the formulas):
     zero_shot   w_pos                                   hparams scale, bias (SigLIP; else absent)
@@ -7,7 +15,7 @@ Kinds and the arrays they hold (all float32; see `logits.py` for the formulas):
     dual        w_pos, w_neg, keys, neg_keys,           hparams alpha, beta, lam, text_scale, neg_scale
                 pos_labels, neg_labels
 A trained adapter stores its effective arrays (base + residual, renormalised), so applying it needs
-nothing but this file.
+nothing but this artifact.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from functools import partial
 
@@ -22,6 +31,7 @@ import jax
 import numpy as np
 
 from vlm_jax.adapters import logits as L
+from vlm_jax.train import checkpoint
 
 KINDS = {
     "zero_shot": ("w_pos",),
@@ -29,6 +39,8 @@ KINDS = {
     "dual": ("w_pos", "w_neg", "keys", "neg_keys", "pos_labels", "neg_labels"),
 }
 FORMAT = "vlm_jax.adapters/1"
+SAVE_FORMATS = ("npz", "orbax")
+ORBAX_META = "adapter.json"  # beside the Orbax checkpoint in the artifact's folder
 
 
 @partial(jax.jit, static_argnames=("kind",))
@@ -76,26 +88,60 @@ class Adapter:
 
   # --------------------------------------------------------------------------- the artifact
 
-  def save(self, path: str) -> str:
-    """Writes `<path>` (.npz appended if missing) atomically; returns the path."""
-    path = path if path.endswith(".npz") else path + ".npz"
-    meta = {"format": FORMAT, "kind": self.kind, "class_names": list(self.class_names),
+  def meta(self) -> dict:
+    return {"format": FORMAT, "kind": self.kind, "class_names": list(self.class_names),
             "hparams": self.hparams, "info": self.info}
-    folder = os.path.dirname(os.path.abspath(path))
+
+  def save(self, path: str, save_format: str = "npz") -> str:
+    """Writes the artifact atomically; returns its path. npz: `<path>` (.npz appended if
+    missing); orbax: the folder `<path>` (replaced when it exists)."""
+    if save_format not in SAVE_FORMATS:
+      raise ValueError(f"unknown adapter save format {save_format!r}; known: {SAVE_FORMATS}")
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
+    if save_format == "orbax":
+      tmp = tempfile.mkdtemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+      checkpoint.save_params(tmp, self.arrays)
+      with open(os.path.join(tmp, ORBAX_META), "w") as f:
+        json.dump(self.meta(), f, indent=1, default=float)
+      if os.path.exists(path):
+        shutil.rmtree(path)
+      os.replace(tmp, path)
+      return path
+    path = path if path.endswith(".npz") else path + ".npz"
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, meta=np.array(json.dumps(meta, default=float)), **self.arrays)
+      np.savez(f, meta=np.array(json.dumps(self.meta(), default=float)), **self.arrays)
     os.replace(tmp, path)
     return path
 
   @classmethod
   def load(cls, path: str) -> "Adapter":
-    with np.load(path, allow_pickle=False) as z:
-      if "meta" not in z:
-        raise ValueError(f"{path!r} is not a saved adapter (no meta)")
-      meta = json.loads(str(z["meta"]))
-      if meta.get("format") != FORMAT:
-        raise ValueError(f"{path!r}: unknown adapter format {meta.get('format')!r}, expected {FORMAT!r}")
-      arrays = {n: z[n] for n in KINDS[meta["kind"]]}
+    """An artifact `save` wrote: a folder is the Orbax one, a file the npz."""
+    if os.path.isdir(path):
+      meta_path = os.path.join(path, ORBAX_META)
+      if not os.path.exists(meta_path):
+        raise ValueError(f"{path!r} is not a saved adapter (no {ORBAX_META})")
+      with open(meta_path) as f:
+        meta = _checked(json.load(f), path)
+      stored = checkpoint.read_params(path)
+      missing = [n for n in KINDS[meta["kind"]] if n not in stored]
+      if missing:
+        raise ValueError(f"{path!r}: the checkpoint lacks the {meta['kind']} adapter's arrays {missing}")
+      arrays = {n: stored[n] for n in KINDS[meta["kind"]]}
+    else:
+      with np.load(path, allow_pickle=False) as z:
+        if "meta" not in z:
+          raise ValueError(f"{path!r} is not a saved adapter (no meta)")
+        meta = _checked(json.loads(str(z["meta"])), path)
+        arrays = {n: z[n] for n in KINDS[meta["kind"]]}
     return cls(meta["kind"], tuple(meta["class_names"]), arrays, meta["hparams"], meta.get("info", {}))
+
+
+def _checked(meta: dict, path: str) -> dict:
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{path!r}: unknown adapter format {meta.get('format')!r}, expected {FORMAT!r}")
+  if meta.get("kind") not in KINDS:
+    raise ValueError(f"{path!r}: unknown adapter kind {meta.get('kind')!r}; known: {sorted(KINDS)}")
+  return meta

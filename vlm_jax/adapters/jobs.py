@@ -7,13 +7,18 @@ search on validation, evaluate on the test splits once, print the table, write J
               "test/<domain>" for the shapes world's shifted renderings), the chosen α, β, λ and
               the validation accuracy of the search
     output    the table (mean over seeds), <workdir>/fewshot.json, and every fitted adapter as
-              <workdir>/adapters/<method>_k<K>_s<seed>.npz (`Adapter.load` applies it later)
+              <workdir>/adapters/<method>_k<K>_s<seed>.npz, or that folder with
+              `save_format = "orbax"` (`Adapter.load` applies either later)
 
 Methods: zero_shot, tip (Tip-Adapter), tip_f (Tip-Adapter-F), dual (DualAdapter training-free),
 dual_f (DualAdapter trained), and dual_norefine / dual_f_norefine (label refinement off).
 The model: `init = "hf:<folder>"` (a CLIPModel / SiglipModel folder with its tokenizer), or
 `"checkpoint:<run>"` / `"scratch"` with `model` (a contrastive model config) and `tokenizer` (a
 folder; prompts are tokenised as the contrastive stage tokenised captions: BOS, text, EOS).
+Images are resized as the model's own processor does unless `resize` says otherwise: CLIP the
+shorter side then a centre crop, SigLIP stretched to the square.
+The data: `data.source = "shapes"` or `"folder:<root>"` (an image folder, through its TFDS
+builder, prepared under `data.data_dir`, default <workdir>/tfds, and reused).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from vlm_jax.adapters.task import VALIDATION, Features, Shots, sample_shots
 from vlm_jax.adapters.training import TrainConfig
 from vlm_jax.data import rendering
 from vlm_jax.data.tokenizer import load_tokenizer, shapes_world_tokenizer
+from vlm_jax.interop import from_hf
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.train import init_from
 
@@ -71,8 +77,9 @@ def evaluate(adapter: Adapter, features: Features) -> dict:
 
 def run_grid(features: Features, methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
              noise: float = 0.0, grid: Grid = Grid(), epochs: int = 20, save_dir: str = "",
-             progress: Callable[[str], None] = log.info) -> list[dict]:
-  """Every method × K × seed -> rows {method, k, seed, noise, <split>: accuracy, hparams, val_search}."""
+             progress: Callable[[str], None] = log.info, save_format: str = "npz") -> list[dict]:
+  """Every method × K × seed -> rows {method, k, seed, noise, <split>: accuracy, hparams, val_search};
+  with `save_dir`, every adapter saved there (`Adapter.save(path, save_format)`)."""
   rows = []
   for k in shots:
     for seed in seeds:
@@ -86,7 +93,8 @@ def run_grid(features: Features, methods: Sequence[str], shots: Sequence[int], s
                "fit_s": time.perf_counter() - start}
         rows.append(row)
         if save_dir:
-          adapter.save(os.path.join(save_dir, f"{method}_k{k}_s{seed}" + (f"_noise{noise:g}" if noise else "")))
+          adapter.save(os.path.join(save_dir, f"{method}_k{k}_s{seed}" + (f"_noise{noise:g}" if noise else "")),
+                       save_format)
         progress(f"K={k} seed={seed} {row['method']}: test {row.get('test', float('nan')):.4f}")
   return rows
 
@@ -127,13 +135,20 @@ def caption_tokenizer(tokenizer, max_len: int) -> Callable:
   return tokenize
 
 
+def image_resize(config, style: str) -> str:
+  """config.resize, or the model's own processor: SigLIP stretches to the square, CLIP crops."""
+  return config.resize or ("resize" if style == "siglip" else "crop")
+
+
 def make_encoder(config, workdir: str = "") -> Encoder:
   kind, path = init_from.parse(config.init)
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   rules = [tuple(r) for r in config.rules]
   if kind == "hf" and not config.get("model"):
-    enc = Encoder.from_hf(path, mesh=mesh, rules=rules, batch_size=config.batch_size)
-    return enc
+    model, params = from_hf(path)
+    tokenize = hf_tokenizer(path, model.config.text.max_len, model.config.style)
+    return Encoder(model, params, tokenize, mesh=mesh, rules=rules, batch_size=config.batch_size,
+                   name=os.path.abspath(path), resize=image_resize(config, model.config.style))
   model, params, _ = init_from.load_model(config, mesh, rules)
   if kind == "hf":
     tokenize = hf_tokenizer(path, model.config.text.max_len, model.config.style)
@@ -146,10 +161,10 @@ def make_encoder(config, workdir: str = "") -> Encoder:
       raise ValueError("config.tokenizer: the tokenizer folder of this model (init is not a Hugging Face folder)")
     tokenize = caption_tokenizer(tokenizer, model.config.text.max_len)
   return Encoder(model, params, tokenize, mesh=mesh, rules=rules, batch_size=config.batch_size,
-                 name=str(config.init), resize=config.resize)
+                 name=str(config.init), resize=image_resize(config, model.config.style))
 
 
-def make_dataset(config) -> ImageDataset:
+def make_dataset(config, workdir: str = "") -> ImageDataset:
   d = config.data
   if d.source == "shapes":
     return shapes_world(train=d.train, validation=d.validation, test=d.test, domains=tuple(d.domains),
@@ -157,7 +172,8 @@ def make_dataset(config) -> ImageDataset:
   kind, _, root = d.source.partition(":")
   if kind != "folder" or not root:
     raise ValueError(f"config.data.source must be 'shapes' or 'folder:<root>', got {d.source!r}")
-  return image_folder(root, validation_fraction=d.validation_fraction, test_fraction=d.test_fraction, seed=d.seed)
+  return image_folder(root, data_dir=d.get("data_dir") or os.path.join(workdir, "tfds"),
+                      validation_fraction=d.validation_fraction, test_fraction=d.test_fraction, seed=d.seed)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -169,7 +185,7 @@ def fewshot(config, workdir: str) -> dict:
     raise ValueError(f"unknown method(s) {bad}; known: {METHODS}")
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  dataset = make_dataset(config)
+  dataset = make_dataset(config, workdir)
   encoder = make_encoder(config, workdir)
   features = extract(encoder, dataset, templates=tuple(config.templates),
                      negative_templates=tuple(config.negative_templates), views=config.views, seed=config.seed,
@@ -180,7 +196,8 @@ def fewshot(config, workdir: str) -> dict:
   rows = []
   for noise in config.noise:
     rows += run_grid(features, tuple(config.methods), tuple(config.shots), tuple(config.seeds), noise, grid,
-                     config.epochs, os.path.join(workdir, "adapters") if config.save_adapters else "")
+                     config.epochs, os.path.join(workdir, "adapters") if config.save_adapters else "",
+                     save_format=config.get("save_format", "npz"))
   splits = [s for s in features.splits if s != VALIDATION]
   table = summarise(rows, splits)
   report.print_table(table, f"few-shot accuracy ({features.meta['key']['data']['source']}; mean over seeds "

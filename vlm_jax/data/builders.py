@@ -1,14 +1,15 @@
-"""TFDS builders: the shapes world and four real on-disk formats, all in the record schema.
+"""TFDS builders: the shapes world, four real on-disk formats and image folders, all in the record schema.
 
 Every builder produces `vlm_jax.data.schema.features()` (id, kind, images, turns, meta),
 needs no download, writes array_record (so `builder.as_data_source()` feeds grain) and
 keeps the source order (no TFDS shuffling; the input pipeline shuffles). Importing this
 module registers the builders with TFDS under the names shapes_world, image_captions,
-interleaved, conversations, text_corpus; a prepared data set with an option-derived
+interleaved, conversations, text_corpus, image_folder; a prepared data set with an option-derived
 config name reopens with `tfds.builder("shapes_world/<config name>", data_dir=...)`.
 
     build_shapes_world(data_dir, task, sizes={"train": n, ...}, image_size=64, seed=0, **options)
     build_from_files(kind, path, data_dir, image_root=None, data_root_only=False)  # kind: FILE_KINDS
+    build_image_folder(root, data_dir, validation_fraction=0.2, test_fraction=0.2, seed=0)
     skipped_counts(builder) -> {reason: count}
     skipped_examples(builder) -> {reason: ["file:line: detail", ...]}  # the first few per reason
 
@@ -59,6 +60,11 @@ the path as written (normalised); symlinks inside the root are followed.
   kind "text" (`TextCorpus`), JSONL
       {"text": "Cats sleep a lot."}                 -> kind "text", turns [text ...]
       {"question": "2 + 2?", "answer": "4"}        -> kind "text", turns [user, assistant]
+
+Image folders (`ImageFolder`, build_image_folder): labelled images for classification,
+root/<class name>/*.jpg|png (split by seed) or root/{train,val,test}/<class name>/...
+    -> one record per image: id "<split>/<path under root>", kind "caption", turns [user
+       "<image>", assistant "a photo of a <class>."], meta {"label", "class_name", "file"}
 
 Bad records are skipped, never fatal: each is logged (the first few per reason) and
 counted by reason; the counts are written to `<prepared dir>/skipped.json` and returned by
@@ -561,17 +567,23 @@ def build_from_files(kind: str, path: Union[str, Mapping[str, str]], data_dir: s
   annotation files.
   """
   config = files_config(kind, path, image_root, data_root_only)  # checks kind
-  builder = FILE_KINDS[kind](config=config, data_dir=data_dir)
+  return _prepare_or_reuse(lambda: FILE_KINDS[kind](config=config, data_dir=data_dir), "same annotation files")
+
+
+def _prepare_or_reuse(make_builder, same: str) -> tfds.core.DatasetBuilder:
+  """make_builder(), prepared: reused when prepared already and no image it read changed since,
+  else (re)built."""
+  builder = make_builder()
   if builder.is_prepared():
     changed = _changed_inputs(builder.data_dir)
     if not changed:
-      log.info("%s: reusing the data set prepared in %s (same annotation files, images unchanged); "
-               "delete that folder to rebuild it", builder.info.full_name, builder.data_dir)
+      log.info("%s: reusing the data set prepared in %s (%s, images unchanged); "
+               "delete that folder to rebuild it", builder.info.full_name, builder.data_dir, same)
       return builder
     log.warning("%s: %d image(s) changed since it was prepared (e.g. %s): rebuilding %s",
                 builder.info.full_name, len(changed), changed[0], builder.data_dir)
     shutil.rmtree(os.fspath(builder.data_dir))
-    builder = FILE_KINDS[kind](config=config, data_dir=data_dir)
+    builder = make_builder()
   builder.download_and_prepare()
   return builder
 
@@ -591,3 +603,129 @@ def skipped_examples(builder: tfds.core.DatasetBuilder) -> dict:
   """{reason: ["where: detail", ...]}: the first few records skipped per reason, with their
   file and line (or annotation / sample index)."""
   return read_beside(builder.data_dir, EXAMPLES_FILE)
+
+
+# --- Image folders: labelled images for classification -------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+
+
+@dataclasses.dataclass(eq=False)
+class ImageFolderConfig(tfds.core.BuilderConfig):
+  """An image folder's class names and, per split, its images (path relative to root, label)."""
+  root: str = ""
+  class_names: tuple = ()
+  files: Mapping[str, tuple] = dataclasses.field(default_factory=dict, repr=False)  # split -> ((path, label),)
+
+
+def _class_files(folder: str) -> dict:
+  """{class name: sorted image file names} of folder/<class>/*; an empty class folder is an error."""
+  classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+  if not classes:
+    raise ValueError(f"image folder {folder!r} has no class sub-folders (expected {folder}/<class name>/*.jpg|png)")
+  out = {}
+  for c in classes:
+    names = sorted(f for f in os.listdir(os.path.join(folder, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+      raise ValueError(f"class folder {os.path.join(folder, c)!r} is empty: it has no .jpg / .png image")
+    out[c] = names
+  return out
+
+
+def _split_by_seed(root: str, files: dict, validation_fraction: float, test_fraction: float, seed: int) -> dict:
+  """{split: {class: file names}}: each class's files shuffled by `seed`, cut into validation / test / train."""
+  if not (0 <= validation_fraction < 1 and 0 <= test_fraction < 1 and validation_fraction + test_fraction < 1):
+    raise ValueError(f"validation_fraction {validation_fraction} and test_fraction {test_fraction} must be in "
+                     f"[0, 1) and sum below 1")
+  rng = np.random.default_rng([seed, 7])
+  parts = {"train": {}, "validation": {}, "test": {}}
+  for c, names in files.items():
+    order = [names[i] for i in rng.permutation(len(names))]
+    n_val, n_test = int(round(validation_fraction * len(order))), int(round(test_fraction * len(order)))
+    if len(order) - n_val - n_test < 1 or (validation_fraction > 0 and n_val < 1):
+      raise ValueError(f"class {c!r} of {root!r} has {len(names)} image(s): too few to split into train / validation"
+                       f" / test ({validation_fraction:.0%} / {test_fraction:.0%}); add images or use split folders "
+                       f"({root}/train/<class>/..., {root}/val/<class>/...)")
+    parts["validation"][c], parts["test"][c] = order[:n_val], order[n_val:n_val + n_test]
+    parts["train"][c] = order[n_val + n_test:]
+  return {s: p for s, p in parts.items() if any(p.values())}
+
+
+def image_folder_config(root: str, validation_fraction: float = 0.2, test_fraction: float = 0.2,
+                        seed: int = 0) -> ImageFolderConfig:
+  """The splits of an image folder (layouts: `build_image_folder`), named after the folder and a
+  digest of the assignment (a file added or a split changed is another data set)."""
+  root = os.path.abspath(os.fspath(root))
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"image folder {root!r} does not exist")
+  subdirs = set(os.listdir(root))
+  found = {split: next((d for d in names if d in subdirs), None) for split, names in SPLIT_DIRS.items()}
+  if found["train"]:
+    if not found["validation"]:
+      raise ValueError(f"{root!r} has a train/ folder but no validation/ (or val/) folder")
+    dirs = {s: d for s, d in found.items() if d}
+    per_split = {s: _class_files(os.path.join(root, d)) for s, d in dirs.items()}
+    class_names = tuple(per_split["train"])
+    for s, files in per_split.items():
+      if tuple(files) != class_names:
+        raise ValueError(f"the class names of {s!r} differ from train's: "
+                         f"{sorted(set(files) ^ set(class_names))[:5]} are in only one of them")
+  else:
+    files = _class_files(root)
+    class_names = tuple(files)
+    dirs = {s: "" for s in SPLIT_DIRS}
+    per_split = _split_by_seed(root, files, validation_fraction, test_fraction, seed)
+  assignment = {s: tuple((os.path.join(dirs[s], c, name), label) for label, c in enumerate(class_names)
+                         for name in per_split[s][c]) for s in per_split}
+  spec = {"root": root, "class_names": list(class_names), "files": assignment}
+  digest = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=5).hexdigest()
+  stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(root).lower()).strip("_") or "images"
+  return ImageFolderConfig(name=f"{stem}_{digest}", version=VERSION,
+                           description=f"image folder {root}: {len(class_names)} classes, splits "
+                                       + json.dumps({s: len(f) for s, f in assignment.items()}),
+                           root=root, class_names=class_names, files=assignment)
+
+
+class ImageFolder(Builder):
+  """Labelled images, one record per image: kind "caption", the caption "a photo of a <class>."
+  (as the shapes world's `classes` task), meta {"label", "class_name", "file"}."""
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    if not cfg or not getattr(cfg, "files", None):
+      raise ValueError(f"{self.name}: no image folder; use build_image_folder(root, data_dir)")
+    return {split: self._nonempty(split, cfg.root, self._generate_examples(split, files))
+            for split, files in cfg.files.items()}
+
+  def _generate_examples(self, split: str, files):
+    root = self.builder_config.root
+    yield from self._convert_all(((os.path.join(root, rel), (rel, label)) for rel, label in files),
+                                 lambda item: self._convert(split, *item))
+
+  def _convert(self, split: str, rel: str, label: int) -> dict:
+    path = os.path.join(self.builder_config.root, rel)
+    self._inputs[path] = _file_stat(path)
+    name = self.builder_config.class_names[label]
+    return {"id": f"{split}/{rel}", "kind": "caption", "images": [_load_image(path)],
+            "turns": [{"role": "user", "content": schema.IMAGE_PLACEHOLDER},
+                      {"role": "assistant", "content": f"a photo of a {name.replace('_', ' ')}."}],
+            "meta": _meta(label=label, class_name=name, file=rel)}
+
+
+def build_image_folder(root: str, data_dir: Optional[str] = None, validation_fraction: float = 0.2,
+                       test_fraction: float = 0.2, seed: int = 0) -> ImageFolder:
+  """Prepares (or reuses) an image folder as a data set; returns its builder (class names:
+  `builder.builder_config.class_names`, a record's label in its meta).
+
+  Layouts:
+    root/<class>/*.jpg|png         each class's images cut by `seed` into validation / test
+                                   fractions, the rest train
+    root/train/<class>/*           explicit splits (validation may be named val/; test/ optional);
+    root/validation/<class>/*      every split with the same class names
+  An empty class folder, split folders with different classes, or a class too small to split
+  is an error; an unreadable image is skipped and counted (`skipped_counts`: bad_image).
+  data_dir: where TFDS keeps prepared data sets (None: its default, ~/tensorflow_datasets).
+  """
+  config = image_folder_config(root, validation_fraction, test_fraction, seed)
+  return _prepare_or_reuse(lambda: ImageFolder(config=config, data_dir=data_dir), "same image files")
