@@ -1,9 +1,10 @@
 """Builds a model from an ml_collections config (the `model` block of a config file).
 
     model:
-      kind: "vlm" | "lm" | "vision" | "contrastive"
+      kind: "vlm" | "lm" | "vision" | "contrastive" | "vq"
       vision: {...ViTConfig fields}     # vlm, vision, contrastive
       text: {...LMConfig fields}        # vlm ("lm" uses the top level)
+      vq: {...VQConfig fields}          # vq (the image tokenizer alone), vlm with vision_input="vq"
       projector, feature_layer, ...     # remaining VLMConfig fields
 
 Unknown keys are an error that names them.
@@ -18,6 +19,7 @@ from vlm_jax.models.contrastive import ContrastiveConfig, ContrastiveModel, Text
 from vlm_jax.models.lm import DecoderLM, LMConfig
 from vlm_jax.models.vit import ViTConfig, VisionTower
 from vlm_jax.models.vlm import VLM, VLMConfig
+from vlm_jax.models.vq import ImageTokenizer, VQConfig
 
 
 def _make(cls, fields: Mapping[str, Any], where: str):
@@ -48,12 +50,18 @@ def config_from_dict(cfg: Mapping[str, Any]):
   if kind == "vlm":
     vision = _make(ViTConfig, cfg.pop("vision", {}), "model.vision")
     text = _make(LMConfig, cfg.pop("text", {}), "model.text")
-    return VLM, _make(VLMConfig, {**cfg, "vision": vision, "text": text}, "model")
+    vq = _make(VQConfig, cfg.pop("vq", {}), "model.vq")
+    return VLM, _make(VLMConfig, {**cfg, "vision": vision, "text": text, "vq": vq}, "model")
   if kind == "contrastive":
     vision = _make(ViTConfig, cfg.pop("vision", {}), "model.vision")
     text = _make(TextConfig, cfg.pop("text", {}), "model.text")
     return ContrastiveModel, _make(ContrastiveConfig, {**cfg, "vision": vision, "text": text}, "model")
-  raise ValueError(f"model.kind must be one of 'vlm', 'lm', 'vision', 'contrastive', got {kind!r}")
+  if kind == "vq":
+    stray = sorted(set(cfg) - {"vq"})
+    if stray:
+      raise ValueError(f"unknown key(s) {stray} in model; a vq model takes only `vq`")
+    return ImageTokenizer, _make(VQConfig, cfg.get("vq", {}), "model.vq")
+  raise ValueError(f"model.kind must be one of 'vlm', 'lm', 'vision', 'contrastive', 'vq', got {kind!r}")
 
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
@@ -63,8 +71,9 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
 
 def model_config(model: nn.Module) -> dict:
   """The `model` block that rebuilds `model` (inverse of `config_from_dict`), e.g. for a model read by from_hf."""
-  kinds = {DecoderLM: "lm", VisionTower: "vision", VLM: "vlm", ContrastiveModel: "contrastive"}
+  kinds = {DecoderLM: "lm", VisionTower: "vision", VLM: "vlm", ContrastiveModel: "contrastive",
+           ImageTokenizer: "vq"}
   fields = dataclasses.asdict(model.config)
-  if isinstance(model, VisionTower):
-    fields = {"vision": fields}
+  if isinstance(model, (VisionTower, ImageTokenizer)):
+    fields = {kinds[type(model)]: fields}
   return {"kind": kinds[type(model)], **fields}

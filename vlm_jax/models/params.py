@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from vlm_jax.models.contrastive import ContrastiveModel
 from vlm_jax.models.vit import VisionTower
+from vlm_jax.models.vq import ImageTokenizer
 
 
 # Linear kernels (2-D, or 3-D when layers are scanned); 4-D conv kernels (patch embeddings) are not.
@@ -62,6 +63,9 @@ def check_finite(tree: Any, what: str) -> None:
 def example_inputs(model: nn.Module) -> tuple:
   """The smallest inputs that create every parameter of `model`."""
   if isinstance(model, VisionTower):
+    s = model.config.image_size
+    return (jnp.zeros((1, s, s, 3)),)
+  if isinstance(model, ImageTokenizer):
     s = model.config.image_size
     return (jnp.zeros((1, s, s, 3)),)
   if isinstance(model, ContrastiveModel):

@@ -28,7 +28,8 @@ def forward_output(model: nn.Module, params: dict, batch: dict):
   kw = dict(attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
             segment_ids=batch.get("segment_ids"))
   if isinstance(model, VLM):
-    return model.apply({"params": params}, batch["input_ids"], batch.get("images"), **kw)
+    codes = {k: batch[k] for k in ("image_codes", "code_given") if k in batch}
+    return model.apply({"params": params}, batch["input_ids"], batch.get("images"), **codes, **kw)
   return model.apply({"params": params}, batch["input_ids"], **kw)
 
 
@@ -107,8 +108,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
 
   `labels` (from `optim.path_labels`) fix what trains; `extension` is how a technique
   changes the objective (see `vlm_jax.train.extension`; `inputs` are its step inputs).
-  A `ContrastiveModel` gets its own objective (`make_contrastive_step`); every other
-  model the next-token loss.
+  A `ContrastiveModel` gets its own objective (`make_contrastive_step`), so does a model
+  that defines `train_loss` (`make_objective_step`); every other model the next-token loss.
   `loss_chunk` > 0 computes that loss `loss_chunk` positions at a time from the hidden
   states (`chunked_loss_sums`: same sums, no whole-batch logits). An extension with a
   `loss` hook is handed the full logits, so with one the step keeps the full-logits path.
@@ -118,6 +119,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
       raise ValueError("a contrastive model trains on whole batches (in-batch negatives): "
                        "no grad_accum, no train extension")
     return make_contrastive_step(model, tx, labels, lr_schedule)
+  if has_own_objective(model):
+    if extension is not PLAIN or grad_accum != 1 or loss_chunk or z_loss:
+      raise ValueError(f"{type(model).__name__} trains on its own train_loss: no grad_accum, no train "
+                       f"extension, no loss_chunk or z_loss (those shape the next-token loss)")
+    return make_objective_step(model, tx, labels, lr_schedule)
   student = extension.student or (lambda params, inputs: params)
   project = extension.project or (lambda tree, inputs: tree)
 
@@ -208,6 +214,35 @@ def make_contrastive_step(model: ContrastiveModel, tx: optax.GradientTransformat
     pairs = jnp.arange(logits.shape[0])
     accuracy = (jnp.mean(jnp.argmax(logits, axis=1) == pairs) + jnp.mean(jnp.argmax(logits, axis=0) == pairs)) / 2
     metrics = {"loss": loss, "accuracy": accuracy, "temperature": jnp.exp(out.logit_scale)}
+    return _apply_gradients(state, tx, lr_schedule, trainable, frozen, grads, metrics)
+
+  return step_fn
+
+
+def has_own_objective(model: nn.Module) -> bool:
+  """Whether `model` defines `train_loss(batch, rng) -> (loss, metrics)`, the objective it trains on."""
+  return callable(getattr(type(model), "train_loss", None))
+
+
+def make_objective_step(model: nn.Module, tx: optax.GradientTransformation, labels: dict,
+                        lr_schedule: Callable):
+  """The step of a model with its own objective: the gradient of its `train_loss(batch, rng)`
+  on the whole batch, rng being the state's RNG folded with the step.
+
+  Metrics: the model's (scalars; `loss` is the loss it returned) and `target_tokens`, the
+  batch's rows unless the model counts its own.
+  """
+
+  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    trainable, frozen = optim_lib.split(state.params, labels)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(train_params):
+      return model.apply({"params": optim_lib.merge(train_params, frozen)}, batch, rng, method="train_loss")
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    rows = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
+    metrics = {"target_tokens": rows, **aux, "loss": loss}
     return _apply_gradients(state, tx, lr_schedule, trainable, frozen, grads, metrics)
 
   return step_fn
