@@ -55,10 +55,11 @@ JOBS = {name: _lazy(target) for name, target in {
     "repair": "vlm_jax.sparsity.jobs:repair",
     "fewshot": "vlm_jax.adapters.jobs:fewshot",
     "region_guidance": "vlm_jax.guidance.jobs:evaluate",
+    "synth": "vlm_jax.synth.jobs:synth",
     # the shapes-world demonstrations: vlm_jax/experiments/shapes/<name>.py, configs/shapes/<name>.py
     **{f"shapes_{name}": f"vlm_jax.experiments.shapes.{name}:run" for name in ("vila", "ppl_filter", "soups",
                                                                                "sparsity", "region_guidance",
-                                                                               "fewshot")},
+                                                                               "fewshot", "synth")},
 }.items()}
 
 

@@ -320,3 +320,23 @@ def test_a_vlm_takes_the_tokenizer_with_init_parts(tokenizer_run):
   abstract, shardings = abstract_of(vlm_block(codebook_size=64, code_dim=8, channels=[16, 16]))
   with pytest.raises(CheckpointMismatch, match=r"'vq/codebook' is \(32, 8\) there and \(64, 8\) in this config"):
     load_parts(abstract, parts, abstract, shardings)
+
+
+def test_normalized_codes_are_the_cosine_nearest_unit_rows():
+  """With `normalized`, the encoder's outputs and the codebook rows are unit vectors: codes are
+  the rows of largest cosine similarity (NumPy), and `embed` gives those unit rows."""
+  from vlm_jax.models.vq import VQAutoencoder, VQConfig
+  config = VQConfig(image_size=16, channels=(8, 8), codebook_size=32, code_dim=4, normalized=True)
+  model = VQAutoencoder(config)
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  params = model.init(jax.random.key(0), images)["params"]
+  params = jax.tree.map(lambda x: x, nn.meta.unbox(params))
+  z = np.asarray(model.apply({"params": params}, images, method=lambda m, x: m.encoder(x))).reshape(-1, 4)
+  book = np.asarray(params["codebook"])
+  cosine = (z / np.linalg.norm(z, axis=-1, keepdims=True)) @ (book / np.linalg.norm(book, axis=-1, keepdims=True)).T
+  codes = np.asarray(model.apply({"params": params}, images, method="encode")).reshape(-1)
+  np.testing.assert_array_equal(codes, cosine.argmax(-1))
+  rows = np.asarray(model.apply({"params": params}, codes[None], method="embed"))[0]
+  np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1.0, rtol=1e-6)
+  out = model.apply({"params": params}, images)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out.z), axis=-1), 1.0, rtol=1e-5)

@@ -116,6 +116,8 @@ from vlm_jax.data import sources as sources_lib
 from vlm_jax.data.preprocess import MODES, NORMALIZATIONS, BadRecord, decode_image, preprocess_image
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.models.build import config_from_dict
+from vlm_jax.models.text_to_codes import TextToCodesConfig
+from vlm_jax.models.vq import VQConfig
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,10 @@ def vision_settings(model) -> dict[str, Any]:
     # image–caption pairs, each image a separate input, no image tokens in the text
     return dict(image_size=model.vision.image_size, tokens_per_image=0, image_token_id=-1,
                 normalization="siglip" if model.vision.style == "siglip" else "clip")
+  vq = model if isinstance(model, VQConfig) else model.vq if isinstance(model, TextToCodesConfig) else None
+  if vq is not None:  # an image tokenizer, or Synth²'s text-to-codes generator: images as inputs,
+    # caption pairs as for a contrastive model (no image tokens in the text)
+    return dict(image_size=vq.image_size, tokens_per_image=0, image_token_id=-1, normalization="clip")
   if not hasattr(model, "tokens_per_image"):  # a language model alone: no images
     return {}
   return dict(image_size=model.vision.image_size, tokens_per_image=model.tokens_per_image,

@@ -1,10 +1,11 @@
 """Builds a model from an ml_collections config (the `model` block of a config file).
 
     model:
-      kind: "vlm" | "lm" | "vision" | "contrastive" | "vq"
+      kind: "vlm" | "lm" | "vision" | "contrastive" | "vq" | "text_to_codes"
       vision: {...ViTConfig fields}     # vlm, vision, contrastive
       text: {...LMConfig fields}        # vlm ("lm" uses the top level)
-      vq: {...VQConfig fields}          # vq (the image tokenizer alone), vlm with vision_input="vq"
+      vq: {...VQConfig fields}          # vq (the image tokenizer alone), vlm with vision_input="vq", text_to_codes
+      generator: {...MaskGITConfig}     # text_to_codes
       projector, feature_layer, ...     # remaining VLMConfig fields
 
 Unknown keys are an error that names them.
@@ -19,6 +20,8 @@ from vlm_jax.models.contrastive import ContrastiveConfig, ContrastiveModel, Text
 from vlm_jax.models.lm import DecoderLM, LMConfig
 from vlm_jax.models.vit import ViTConfig, VisionTower
 from vlm_jax.models.vlm import VLM, VLMConfig
+from vlm_jax.models.maskgit import MaskGITConfig
+from vlm_jax.models.text_to_codes import TextToCodes, TextToCodesConfig
 from vlm_jax.models.vq import ImageTokenizer, VQConfig
 
 
@@ -61,7 +64,12 @@ def config_from_dict(cfg: Mapping[str, Any]):
     if stray:
       raise ValueError(f"unknown key(s) {stray} in model; a vq model takes only `vq`")
     return ImageTokenizer, _make(VQConfig, cfg.get("vq", {}), "model.vq")
-  raise ValueError(f"model.kind must be one of 'vlm', 'lm', 'vision', 'contrastive', 'vq', got {kind!r}")
+  if kind == "text_to_codes":
+    vq = _make(VQConfig, cfg.pop("vq", {}), "model.vq")
+    generator = _make(MaskGITConfig, cfg.pop("generator", {}), "model.generator")
+    return TextToCodes, _make(TextToCodesConfig, {**cfg, "vq": vq, "generator": generator}, "model")
+  raise ValueError(f"model.kind must be one of 'vlm', 'lm', 'vision', 'contrastive', 'vq', 'text_to_codes', "
+                   f"got {kind!r}")
 
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
@@ -72,7 +80,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
 def model_config(model: nn.Module) -> dict:
   """The `model` block that rebuilds `model` (inverse of `config_from_dict`), e.g. for a model read by from_hf."""
   kinds = {DecoderLM: "lm", VisionTower: "vision", VLM: "vlm", ContrastiveModel: "contrastive",
-           ImageTokenizer: "vq"}
+           ImageTokenizer: "vq", TextToCodes: "text_to_codes"}
   fields = dataclasses.asdict(model.config)
   if isinstance(model, (VisionTower, ImageTokenizer)):
     fields = {kinds[type(model)]: fields}

@@ -16,6 +16,8 @@ from flax import traverse_util
 
 from vlm_jax.models.contrastive import ContrastiveModel
 from vlm_jax.models.vit import VisionTower
+from vlm_jax.models.maskgit import example_inputs as generator_inputs
+from vlm_jax.models.text_to_codes import TextToCodes
 from vlm_jax.models.vq import ImageTokenizer
 
 
@@ -68,6 +70,8 @@ def example_inputs(model: nn.Module) -> tuple:
   if isinstance(model, ImageTokenizer):
     s = model.config.image_size
     return (jnp.zeros((1, s, s, 3)),)
+  if isinstance(model, TextToCodes):
+    return generator_inputs(model.config.generator)
   if isinstance(model, ContrastiveModel):
     s = model.config.vision.image_size
     return (jnp.zeros((1, s, s, 3)), jnp.zeros((1, 1), jnp.int32))

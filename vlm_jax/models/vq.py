@@ -30,6 +30,9 @@ class VQConfig:
   codebook_size: int = 256
   code_dim: int = 32
   beta: float = 0.25  # weight of the commitment loss
+  # l2-normalised codes (ViT-VQGAN, Yu et al. 2022): encoder outputs and codebook rows are
+  # unit vectors, so the lookup is by cosine similarity; keeps far more of the codebook in use
+  normalized: bool = False
   act: str = "silu"
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -163,17 +166,26 @@ class VQAutoencoder(nn.Module):
     self.codebook = self.param("codebook", nn.with_logical_partitioning(init, (None, None)), (k, c.code_dim),
                                jnp.dtype(c.param_dtype))
 
+  def _unit(self, x: jax.Array) -> jax.Array:
+    """x itself, or x scaled to unit length along its last axis (config.normalized)."""
+    if not self.config.normalized:
+      return x
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
+
+  def _encode_z(self, images: jax.Array) -> jax.Array:
+    return self._unit(self.encoder(images))
+
   def _grid(self, x: jax.Array) -> jax.Array:
     g = self.config.grid
     return x.reshape(x.shape[0], g, g, x.shape[-1])
 
   def encode(self, images: jax.Array) -> jax.Array:
     lead = images.shape[:-3]
-    z = self.encoder(images.reshape(-1, *images.shape[-3:]))
-    return nearest_codes(z, self.codebook).reshape(*lead, self.config.num_tokens)
+    z = self._encode_z(images.reshape(-1, *images.shape[-3:]))
+    return nearest_codes(z, self._unit(self.codebook)).reshape(*lead, self.config.num_tokens)
 
   def embed(self, codes: jax.Array) -> jax.Array:
-    return self.codebook[codes].astype(jnp.dtype(self.config.dtype))
+    return self._unit(self.codebook)[codes].astype(jnp.dtype(self.config.dtype))
 
   def decode(self, codes: jax.Array) -> jax.Array:
     lead = codes.shape[:-1]
@@ -182,8 +194,8 @@ class VQAutoencoder(nn.Module):
     return images.reshape(*lead, *images.shape[1:])
 
   def __call__(self, images: jax.Array) -> VQOutput:
-    z = self.encoder(images)
-    z_q, codes, e = quantize(z, self.codebook)
+    z = self._encode_z(images)
+    z_q, codes, e = quantize(z, self._unit(self.codebook))
     return VQOutput(self.decoder(z_q), codes.reshape(codes.shape[0], -1), z, e)
 
 
