@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine with Python 3.11:
 #   make demo   — the main job
 #   make test   — the tests (what .ci/run calls)
+#   make bench  — the speed table (BENCH_ARGS=--quick for a smoke run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -12,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: its CPU wheel is the only one we want (tests only).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# the tpu extra (libtpu, ~700 MB): the tests compile for real TPU slices on this CPU
+	$(PY) -m pip install -q -e ".[test,tpu]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,7 +27,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
 bench: $(STAMP)
-	$(PY) benchmarks/models.py
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
