@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/models.py                       # tiny + small, LM + VLM
     .venv/bin/python benchmarks/models.py --sizes tiny --kinds lm --repeats 3
-    .venv/bin/python benchmarks/models.py --json /tmp/bench.json
+    .venv/bin/python benchmarks/models.py --sizes small --gen-batches 1,8,32 --json /tmp/bench.json
 
 For each size and kind (the LLaMA-family LM alone, and the LLaVA VLM with a
 CLIP tower) a transformers model is built from a config with random weights
@@ -14,9 +14,11 @@ CLIP tower) a transformers model is built from a config with random weights
   `block_until_ready`, PyTorch under `torch.inference_mode()`. The max absolute
   difference of the two logits is printed (should be < 1e-4).
 - generate: new tokens/s of greedy decoding of `--new-tokens` tokens from
-  `--batch` prompts of `--prompt-len` tokens (plus the image tokens for the
-  VLM): `vlm_jax.generate` vs `hf.generate(do_sample=False, max_new_tokens=N,
-  min_new_tokens=N)`. The first call (compile for JAX) is reported apart.
+  B prompts of `--prompt-len` tokens (plus the image tokens for the VLM), one
+  row per B in `--gen-batches` (default 1, 8, 32): `vlm_jax.generate` vs
+  `hf.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`, the
+  new tokens compared token for token. The first call (compile for JAX, one
+  per batch size) is reported apart.
 - MFU: model FLOPs (2 x matmul parameters per token, plus 4 x layers x
   heads x head_dim x context per token for attention, plus the vision tower
   for the VLM) per second over the peak float32 matmul throughput measured in
@@ -259,47 +261,54 @@ def bench_one(size: str, kind: str, config: VLMConfig, args, folder: str) -> lis
   if kind == "vlm":
     flops += vision_flops(config, params, args.batch)
   rows.append(dict(
-      base, task=f"forward {args.batch}x{seq}", tokens=tokens,
+      base, task=f"forward {args.batch}x{seq}", batch=args.batch, tokens=tokens,
       jax_s=j_med, torch_s=t_med, jax_tok_s=tokens / j_med, torch_tok_s=tokens / t_med,
       ratio=t_med / j_med, check=f"{diff:.1e}" + (" (!)" if diff > 1e-4 else ""), max_abs_dlogits=diff, jax_first_s=j_first, torch_first_s=t_first,
       jax_compile_s=max(j_first - j_med, 0.0), model_flops=flops, timed_runs=runs))
   print(f"  {size}-{kind} forward: jax {tokens / j_med:,.0f} tok/s, torch {tokens / t_med:,.0f} tok/s, "
         f"max|dlogits| {diff:.1e} (jax first call {j_first:.1f}s, {runs} timed runs)", flush=True)
 
-  # ---------------- generate
-  if args.new_tokens > 0:
-    gen_ids_np, gen_images_np = make_inputs(kind, config, args.batch, args.prompt_len, rng)
-    prompt = gen_ids_np.shape[1]
-    g_ids_j = jnp.asarray(gen_ids_np, jnp.int32)
-    g_ids_t = torch.from_numpy(gen_ids_np)
-    n = args.new_tokens
-    jax_kw, hf_kw = {}, {}
-    if kind == "vlm":
-      jax_kw = dict(images=jnp.asarray(gen_images_np))
-      hf_kw = dict(pixel_values=torch.from_numpy(gen_images_np.transpose(0, 3, 1, 2).copy()))
-    gen_j = lambda: vlm_jax.generate(model, params, g_ids_j, max_new_tokens=n, **jax_kw).block_until_ready()
-    gen_t = lambda: hf.generate(input_ids=g_ids_t, attention_mask=torch.ones_like(g_ids_t), **hf_kw,
-                                do_sample=False, max_new_tokens=n, min_new_tokens=n)
-    with torch.inference_mode():
-      (j_first, j_med, j_tokens, runs), (t_first, t_med, t_tokens, _) = _common.timed_pair(
-          gen_j, gen_t, args.gen_repeats, args.budget_s)
-    t_new = t_tokens[:, prompt:].numpy()
-    j_new = np.asarray(j_tokens)
-    same = int((t_new == j_new).sum()) if t_new.shape == j_new.shape else 0
-    new_tokens = args.batch * n
-    flops = gen_flops(c, n_mm, args.batch, prompt, n)
-    if kind == "vlm":
-      flops += vision_flops(config, params, args.batch)
-    rows.append(dict(
-        base, task=f"generate {args.batch}x{prompt}+{n}", tokens=new_tokens,
-        jax_s=j_med, torch_s=t_med, jax_tok_s=new_tokens / j_med, torch_tok_s=new_tokens / t_med,
-        ratio=t_med / j_med, check=f"tok {same}/{new_tokens}", same_tokens=same, max_abs_dlogits=None,
-        jax_first_s=j_first, torch_first_s=t_first, jax_compile_s=max(j_first - j_med, 0.0),
-        model_flops=flops, timed_runs=runs))
-    print(f"  {size}-{kind} generate: jax {new_tokens / j_med:,.0f} tok/s, torch {new_tokens / t_med:,.0f} "
-          f"tok/s, same tokens {same}/{new_tokens} (jax first call {j_first:.1f}s, {runs} timed runs)", flush=True)
+  # ---------------- generate, at each batch size
+  for batch in args.gen_batches if args.new_tokens > 0 else ():
+    rows.append(bench_generate(size, kind, config, args, hf, model, params, batch, base, n_mm, rng))
   del hf
   return rows
+
+
+def bench_generate(size, kind, config, args, hf, model, params, batch, base, n_mm, rng) -> dict:
+  """Greedy decoding of `args.new_tokens` from `batch` prompts: vlm_jax.generate vs hf.generate."""
+  c = config.text
+  gen_ids_np, gen_images_np = make_inputs(kind, config, batch, args.prompt_len, rng)
+  prompt = gen_ids_np.shape[1]
+  g_ids_j = jnp.asarray(gen_ids_np, jnp.int32)
+  g_ids_t = torch.from_numpy(gen_ids_np)
+  n = args.new_tokens
+  jax_kw, hf_kw = {}, {}
+  if kind == "vlm":
+    jax_kw = dict(images=jnp.asarray(gen_images_np))
+    hf_kw = dict(pixel_values=torch.from_numpy(gen_images_np.transpose(0, 3, 1, 2).copy()))
+  gen_j = lambda: vlm_jax.generate(model, params, g_ids_j, max_new_tokens=n, **jax_kw).block_until_ready()
+  gen_t = lambda: hf.generate(input_ids=g_ids_t, attention_mask=torch.ones_like(g_ids_t), **hf_kw,
+                              do_sample=False, max_new_tokens=n, min_new_tokens=n)
+  with torch.inference_mode():
+    (j_first, j_med, j_tokens, runs), (t_first, t_med, t_tokens, _) = _common.timed_pair(
+        gen_j, gen_t, args.gen_repeats, args.budget_s)
+  t_new = t_tokens[:, prompt:].numpy()
+  j_new = np.asarray(j_tokens)
+  same = int((t_new == j_new).sum()) if t_new.shape == j_new.shape else 0
+  new_tokens = batch * n
+  flops = gen_flops(c, n_mm, batch, prompt, n)
+  if kind == "vlm":
+    flops += vision_flops(config, params, batch)
+  print(f"  {size}-{kind} generate batch {batch}: jax {new_tokens / j_med:,.0f} tok/s, torch "
+        f"{new_tokens / t_med:,.0f} tok/s, same tokens {same}/{new_tokens} (jax first call {j_first:.1f}s, "
+        f"{runs} timed runs)", flush=True)
+  return dict(
+      base, task=f"generate {batch}x{prompt}+{n}", batch=batch, tokens=new_tokens,
+      jax_s=j_med, torch_s=t_med, jax_tok_s=new_tokens / j_med, torch_tok_s=new_tokens / t_med,
+      ratio=t_med / j_med, check=f"tok {same}/{new_tokens}" + ("" if same == new_tokens else " (!)"),
+      same_tokens=same, max_abs_dlogits=None, jax_first_s=j_first, torch_first_s=t_first,
+      jax_compile_s=max(j_first - j_med, 0.0), model_flops=flops, timed_runs=runs)
 
 
 # --------------------------------------------------------------------------- table
@@ -315,7 +324,7 @@ def table(rows: list[dict]) -> str:
   return _common.text_table(head, body)
 
 
-def main(argv=None):
+def parse_args(argv=None):
   p = argparse.ArgumentParser(
       description="Forward and greedy-generation throughput of vlm_jax (JAX, jitted) vs transformers "
                   "(PyTorch) on identical random float32 weights, on CPU, with a logits check and MFU.",
@@ -327,7 +336,9 @@ def main(argv=None):
   p.add_argument("--kinds", default="lm,vlm",
                  help="comma-separated: 'lm' (LlamaForCausalLM vs DecoderLM), 'vlm' (LlavaForConditionalGeneration "
                       "vs VLM, one image per sample)")
-  p.add_argument("--batch", type=int, default=8, help="sequences per batch (forward and generate)")
+  p.add_argument("--batch", type=int, default=8, help="sequences per forward batch")
+  p.add_argument("--gen-batches", default="1,8,32",
+                 help="comma-separated batch sizes of the generation benchmark (one row each; each compiles anew)")
   p.add_argument("--seq", type=int, default=128,
                  help="forward sequence length in tokens; for the VLM it includes the image tokens, unless "
                       "that leaves fewer than 32 text tokens (then it is image tokens + SEQ text tokens)")
@@ -345,14 +356,21 @@ def main(argv=None):
                  help="torch.set_num_threads value; 0 keeps torch's default")
   p.add_argument("--json", metavar="PATH", default=None, help="also write the results and run settings as JSON")
   args = p.parse_args(argv)
-  sizes = [s for s in args.sizes.split(",") if s]
-  kinds = [k for k in args.kinds.split(",") if k]
-  bad = [k for k in kinds if k not in ("lm", "vlm")]
+  args.sizes = [s for s in args.sizes.split(",") if s]
+  args.kinds = [k for k in args.kinds.split(",") if k]
+  args.gen_batches = [int(b) for b in args.gen_batches.split(",") if b]
+  bad = [k for k in args.kinds if k not in ("lm", "vlm")]
   if bad:
     p.error(f"unknown kind(s) {bad}; use lm and/or vlm")
+  if any(b < 1 for b in args.gen_batches):
+    p.error(f"--gen-batches must be positive, got {args.gen_batches}")
+  return args
+
+
+def run(args) -> dict:
+  """Every row of `args` (from `parse_args`), MFU filled in: {settings, info, sources, results}."""
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
-
   t_start = time.perf_counter()
   peak, torch_peak = peak_matmul()
   print(f"peak float32 matmul 2048x2048 (best of 10): jax {peak / 1e9:.0f} GFLOP/s, "
@@ -362,10 +380,10 @@ def main(argv=None):
   print(f"{_common.describe(info)} | 1-min load average {info['load_avg_start']:.2f}")
 
   rows, sources = [], {}
-  for size in sizes:
+  for size in args.sizes:
     config, source = model_config(size)
     sources[size] = source
-    for kind in kinds:
+    for kind in args.kinds:
       print(f"[{size}/{kind}] sizes from {source}", flush=True)
       with tempfile.TemporaryDirectory() as folder:
         rows.extend(bench_one(size, kind, config, args, folder))
@@ -373,11 +391,18 @@ def main(argv=None):
   # Peak again at the end; the higher of the two is the MFU denominator.
   peak2, torch_peak2 = peak_matmul()
   peak, torch_peak = max(peak, peak2), max(torch_peak, torch_peak2)
-  info.update(peak_matmul_flops=peak, torch_matmul_flops=torch_peak, load_avg_end=os.getloadavg()[0])
+  info.update(peak_matmul_flops=peak, torch_matmul_flops=torch_peak, load_avg_end=os.getloadavg()[0],
+              total_s=time.perf_counter() - t_start)
   for r in rows:
     r["jax_mfu"] = r["model_flops"] / r["jax_s"] / peak
     r["torch_mfu"] = r["model_flops"] / r["torch_s"] / peak
+  return dict(settings=vars(args), info=info, sources=sources, results=rows)
 
+
+def main(argv=None):
+  out = run(parse_args(argv))
+  info, rows = out["info"], out["results"]
+  peak, torch_peak = info["peak_matmul_flops"], info["torch_matmul_flops"]
   print()
   print(table(rows))
   print(f"\nfloat32, CPU; torch threads {info['torch_threads']}; peak float32 matmul (2048², best run, "
@@ -385,13 +410,12 @@ def main(argv=None):
         f"GFLOP/s; 1-min load average {info['load_avg_start']:.2f} at the start, {info['load_avg_end']:.2f} at the end "
         f"(torch slows down far more than jax when another process competes for the cores); ratio = vlm_jax tok/s ÷ torch tok/s; MFU = model FLOPs/s ÷ peak; "
         f"generate tok/s counts new tokens (prefill included in the time); 'tok a/b' = greedy tokens "
-        f"equal on both sides; '(!)' = logits differ by more than 1e-4; jax compile s = first call - median "
-        f"call; torch 1st s = first call. Total {time.perf_counter() - t_start:.0f}s.")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(settings=vars(args), info=info, sources=sources, results=rows), f, indent=1)
-    print(f"wrote {args.json}")
-
+        f"equal on both sides; '(!)' = logits differ by more than 1e-4 or tokens differ; jax compile s = first "
+        f"call - median call; torch 1st s = first call. Total {info['total_s']:.0f}s.")
+  if out["settings"]["json"]:
+    with open(out["settings"]["json"], "w") as f:
+      json.dump(out, f, indent=1)
+    print(f"wrote {out['settings']['json']}")
 
 if __name__ == "__main__":
   main()

@@ -16,8 +16,11 @@ run writes them) in a temporary directory. Measured, in the same run:
                     adds and the final division only
   uniform soup      `vlm_jax.soups.uniform_soup` of the checkpoint paths: load one
                     ingredient, add it into the float32 sum, drop it; the real workload
+  ... uncompressed  the same soup of the same trees saved as Orbax `params` items without
+                    zstd (`PyTreeCheckpointHandler(use_compression=False)`): what a
+                    checkpoint written without compression would read at
 GB/s is (k x the model's stored bytes) / seconds, i.e. GB of parameters averaged per second
-(for memcpy: bytes copied per second). The checkpoints were just written, so they are read
+(for memcpy: bytes copied per second); "% memcpy" divides it by the memcpy row. The checkpoints were just written, so they are read
 from the page cache, not the disk. Timings are the median of `--repeats`; on a shared
 2-core machine expect +-20% (see /work/shared/ENV-NOTES.md).
 """
@@ -40,6 +43,8 @@ from vlm_jax import report, soups
 from vlm_jax.models import DecoderLM, LMConfig, count_params
 from vlm_jax.models.params import abstract_params
 from vlm_jax.train.checkpoint import Checkpointer
+
+from checkpoint_read import save_orbax
 
 
 def parse_args(argv=None):
@@ -71,8 +76,8 @@ def model_tree(args):
   return make, abstract
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def measure(args) -> dict:
+  """The rows of the table (each with GB, seconds, GB/s and of_memcpy) and the run's settings."""
   logging.basicConfig(level=logging.WARNING)
   for noisy in ("absl", "orbax", "vlm_jax.soups"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -85,18 +90,20 @@ def main(argv=None):
   print(f"{args.k} ingredients of {n / 1e6:.1f}M {args.dtype} parameters ({model_gb:.3f} GB each) in {root}; "
         f"{_common.describe(_common.machine_info(jax))}", flush=True)
   try:
-    # --- Ingredients as Orbax checkpoints.
+    # --- Ingredients as Orbax checkpoints: the stack's (Checkpointer), and uncompressed params items.
     start = time.perf_counter()
-    paths = []
+    paths, plain = [], []
     for i in range(args.k):
       tree = make(i)
       ckpt = Checkpointer(os.path.join(root, f"ft_{i}", "checkpoints"), keep=1, asynchronous=False)
       ckpt.save(1, tree, {"step": np.asarray(1, np.int32)}, {})
       ckpt.close()
       paths.append(os.path.join(root, f"ft_{i}"))
+      plain.append(os.path.join(root, f"plain_{i}"))
+      save_orbax(plain[-1], tree, compression=False)
       del tree
     write_s = time.perf_counter() - start
-    print(f"wrote {args.k} checkpoints in {write_s:.1f} s", flush=True)
+    print(f"wrote {2 * args.k} checkpoints in {write_s:.1f} s", flush=True)
 
     # --- Memory-copy bandwidth on a model-sized array.
     src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
@@ -112,26 +119,38 @@ def main(argv=None):
     add_s = _common.median_time(lambda: soups.uniform_soup(in_memory), args.repeats)
     del in_memory
     soup_s = _common.median_time(lambda: soups.uniform_soup(paths), args.repeats)
+    plain_s = _common.median_time(lambda: soups.uniform_soup(plain), args.repeats)
 
     total_gb = args.k * model_gb
     rows = [
-        {"measure": "memcpy (NumPy copyto)", "GB": copy_gb, "seconds": copy_s, "GB/s": copy_gb / copy_s},
-        {"measure": f"load {args.k} checkpoints", "GB": total_gb, "seconds": load_s, "GB/s": total_gb / load_s},
-        {"measure": f"add {args.k} (in memory, float32)", "GB": total_gb, "seconds": add_s,
-         "GB/s": total_gb / add_s},
-        {"measure": f"uniform soup of {args.k} (streaming from Orbax)", "GB": total_gb, "seconds": soup_s,
-         "GB/s": total_gb / soup_s},
+        {"measure": "memcpy (NumPy copyto)", "GB": copy_gb, "seconds": copy_s},
+        {"measure": f"load {args.k} checkpoints", "GB": total_gb, "seconds": load_s},
+        {"measure": f"add {args.k} (in memory, float32)", "GB": total_gb, "seconds": add_s},
+        {"measure": f"uniform soup of {args.k} (streaming from Orbax)", "GB": total_gb, "seconds": soup_s},
+        {"measure": f"uniform soup of {args.k}, uncompressed Orbax", "GB": total_gb, "seconds": plain_s},
     ]
-    report.print_table(rows, f"Soup throughput: {args.k} x {n / 1e6:.1f}M {args.dtype} parameters "
-                             f"(median of {args.repeats})")
-    print(f"uniform soup / memcpy bandwidth: {(total_gb / soup_s) / (copy_gb / copy_s):.2f}")
-    if args.json:
-      report.write_json(args.json, {"k": args.k, "params": n, "dtype": args.dtype, "rows": rows,
-                                    "write_seconds": write_s, "jax": jax.__version__})
+    for r in rows:
+      r["GB/s"] = r["GB"] / r["seconds"]
+      r["of_memcpy"] = r["GB/s"] / rows[0]["GB/s"]
+    return {"k": args.k, "params": n, "dtype": args.dtype, "rows": rows, "write_seconds": write_s,
+            "jax": jax.__version__}
   finally:
     if not args.dir:
       shutil.rmtree(root, ignore_errors=True)
 
+
+def main(argv=None):
+  args = parse_args(argv)
+  result = measure(args)
+  rows = result["rows"]
+  report.print_table([{"measure": r["measure"], "GB": r["GB"], "seconds": r["seconds"], "GB/s": r["GB/s"],
+                       "% memcpy": 100 * r["of_memcpy"]} for r in rows],
+                     f"Soup throughput: {args.k} x {result['params'] / 1e6:.1f}M {args.dtype} parameters "
+                     f"(median of {args.repeats})")
+  print(f"uniform soup / memcpy bandwidth: {rows[3]['of_memcpy']:.2f} (uncompressed: {rows[4]['of_memcpy']:.2f})")
+  if args.json:
+    report.write_json(args.json, result)
+  return result
 
 if __name__ == "__main__":
   main()
