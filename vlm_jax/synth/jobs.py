@@ -161,7 +161,8 @@ def load_run(model_block, run_dir: str):
 
 def synthetic_captions(config, caption_lm_dir: str, real: Sequence[str], tokenizer) -> list[str]:
   """`generate.num` captions from balanced concept sets, exact copies of real captions dropped
-  (rounds with fresh seeds fill up what was dropped, at most `generate.max_rounds`)."""
+  (rounds with fresh seeds fill up what was dropped, at most `generate.max_rounds`; a later round
+  asks for twice what is missing, as a caption LM that copies often copies again)."""
   g = config.generate
   concepts = captions_lib.check_concepts(list(config.concepts))
   model, params = load_run(config.caption_lm.model, caption_lm_dir)
@@ -170,7 +171,8 @@ def synthetic_captions(config, caption_lm_dir: str, real: Sequence[str], tokeniz
     need = g.num - len(kept)
     if need <= 0:
       break
-    sets = captions_lib.concept_sets(concepts, need, tuple(g.per_prompt), seed=config.seed + round_)
+    ask = need if round_ == 0 else 2 * need + g.batch_size
+    sets = captions_lib.concept_sets(concepts, ask, tuple(g.per_prompt), seed=config.seed + round_)
     new = captions_lib.generate_captions(model, params, tokenizer, sets, temperature=g.temperature,
                                          top_p=g.top_p, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                          seed=config.seed + round_, progress=config.progress,
