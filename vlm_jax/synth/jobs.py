@@ -192,11 +192,11 @@ def generate_pairs(config, workdir: str, tokenizer_dir: str, caption_lm_dir: str
   os.makedirs(workdir, exist_ok=True)
   tokenizer, _ = load_tokenizer(config.tokenizer)
   captions_file = os.path.join(workdir, "captions.json")
-  if not os.path.exists(captions_file):
+  if not os.path.exists(captions_file):  # every process writes the same captions (same seeds); one saves them
     texts = synthetic_captions(config, caption_lm_dir, real, tokenizer)
     if jax.process_index() == 0:
       report.write_json(captions_file, texts)
-    barrier("synth captions")
+  barrier("synth captions")
   with open(captions_file) as f:
     texts = json.load(f)
   model, params = load_run(config.generator.model, generator_dir)
@@ -216,8 +216,7 @@ def generate_pairs(config, workdir: str, tokenizer_dir: str, caption_lm_dir: str
     writer.write(chunk, batch, codes)
   barrier("synth pairs")
   builder = synthetic_pairs.build_synthetic_pairs(config.data_dir, os.path.join(workdir, "chunks"))
-  stats = captions_lib.compare_stats(real, texts[:len(real)] if len(texts) > len(real) else texts,
-                                     list(config.concepts))
+  stats = captions_lib.compare_stats(real, texts[:len(real)], list(config.concepts))  # sets of equal size
   return {"dataset": f"{builder.name}/{builder.builder_config.name}", "num": g.num, "stats": stats}
 
 
