@@ -28,6 +28,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # vlm_jax, configs and tests import without installing anything
   sys.path.insert(0, ROOT)
 
+from launch.local import hugepage_env  # noqa: E402  (the root is on sys.path just above)
+
+# A benchmark script run as a program restarts once under glibc's hugepage malloc (glibc reads
+# GLIBC_TUNABLES only at start-up), as the launcher runs jobs; both sides of a comparison get it.
+# `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` measures with small pages. Importing (tests) restarts nothing.
+if os.path.dirname(os.path.abspath(sys.argv[0])) == os.path.dirname(os.path.abspath(__file__)) and \
+    "hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], hugepage_env(os.environ))
+
 
 def parser(doc: str) -> argparse.ArgumentParser:
   """A parser whose --help shows the script's docstring: its first paragraph, then all of it."""
@@ -118,8 +127,24 @@ def machine_info(*libraries) -> dict:
       info["torch_threads"] = lib.get_num_threads()
   info.update(cpu_count=os.cpu_count(), machine=platform.machine(),
               processor=platform.processor() or platform.machine(), python=platform.python_version(),
-              xla_flags=os.environ.get("XLA_FLAGS", ""))
+              xla_flags=os.environ.get("XLA_FLAGS", ""), malloc=malloc_pages())
   return info
+
+
+def malloc_pages() -> str:
+  """Which pages glibc's malloc uses: `hugepages (THP madvise)` when GLIBC_TUNABLES asks for them
+  and the kernel grants them, else `4 KiB pages` with the reason."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      thp = f.read().split("[")[1].split("]")[0]
+  except (OSError, IndexError):
+    thp = "unknown"
+  if "glibc.malloc.hugetlb=0" in tunables or "hugetlb" not in tunables:
+    return f"4 KiB pages (GLIBC_TUNABLES={tunables!r}, THP {thp})"
+  if thp == "never" or platform.libc_ver()[0] != "glibc":
+    return f"4 KiB pages (THP {thp}, libc {platform.libc_ver()[0] or 'unknown'})"
+  return f"hugepages (GLIBC_TUNABLES={tunables!r}, THP {thp})"
 
 
 def describe(info: dict) -> str:
@@ -129,6 +154,8 @@ def describe(info: dict) -> str:
   parts.append(f"{info['cpu_count']} CPUs ({info['processor']})")
   if "jax" in info:
     parts.append(f"XLA_FLAGS={info['xla_flags']!r}")
+  if "malloc" in info:
+    parts.append(f"malloc: {info['malloc']}")
   return " | ".join(parts)
 
 

@@ -24,6 +24,10 @@ JAX, ... (a load change on this shared machine then hits both sides), with a
 `--pause` before each step so that neither runtime's spin-waiting threads are
 still running when the other starts; `--order blocks` runs one side, then the other.
 
+Allocation: run as a program, the script restarts under glibc's hugepage malloc
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as `launch.local` runs jobs; both sides get it;
+set `glibc.malloc.hugetlb=0` to measure with 4 KiB pages) and the header prints which is active.
+
 MFU = model FLOPs per second / peak. The peak is the median of `--peak-repeats`
 jitted float32 2048 x 2048 JAX matmuls, measured at the start and the end of
 the run (the higher median is used). Model FLOPs two ways: XLA's cost analysis

@@ -57,16 +57,22 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Fully masked rows give a uniform distribution (as the reference does), never NaN.
   """
   b, lq, h, d = q.shape
-  kvh = k.shape[1] if heads_major else k.shape[2]
-  kv = "bksd" if heads_major else "bskd"
-  q = q.reshape(b, lq, kvh, h // kvh, d)
-  scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k)
+  if not heads_major:
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  kvh = k.shape[1]
+  if h % kvh:
+    raise ValueError(f"{h} query heads do not split into groups over {kvh} key/value heads")
+  # Everything head-major ([b, kv_heads, group, lq, d]): both products then make and read the
+  # [lq, lk] scores in the layout the softmax uses, so XLA:CPU copies the small q/k/v/out into
+  # place instead of the scores (one transposed copy of them is left, for the keys' gradient).
+  q = q.reshape(b, lq, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k)
   scores = scores.astype(jnp.float32) * (d ** -0.5)
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v)
-  return out.reshape(b, lq, h, d)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
