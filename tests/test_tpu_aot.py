@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from configs import tiny_train
-from launch import simulate as simulate_lib
 from vlm_jax.parallel.mesh import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,21 +166,38 @@ def test_bad_slice_counts_are_clear_errors():
     make_mesh({"data": -1, "slices": 2}, devices)
 
 
-def test_topology_errors(monkeypatch):
-  with pytest.raises(ValueError, match=r"--topology='v9x:4x4'.*generation of \['v4', 'v5e', 'v5p', 'v6e'\]"):
-    simulate_lib.tpu_devices("v9x:4x4")
-  with pytest.raises(ValueError, match="expected <generation>:<shape>"):
-    simulate_lib.tpu_devices("v5litepod-16")
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-  with pytest.raises(ImportError, match=r"install the `tpu` extra \(pip install -e '\.\[tpu\]'\)"):
-    simulate_lib.tpu_devices("v5e:2x2")
+def in_a_subprocess(code: str) -> None:
+  """Runs test code that imports launch.simulate in a fresh process: its absl flags (`--config`,
+  ...) must not meet launch.main's, which other tests import into this one."""
+  out = run(["-c", textwrap.dedent(code)])
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_topology_errors():
+  in_a_subprocess("""
+      import importlib.util
+      import pytest
+      from launch import simulate
+      with pytest.raises(ValueError, match=r"--topology='v9x:4x4'.*generation of \\['v4', 'v5e', 'v5p', 'v6e'\\]"):
+        simulate.tpu_devices("v9x:4x4")
+      with pytest.raises(ValueError, match="expected <generation>:<shape>"):
+        simulate.tpu_devices("v5litepod-16")
+      importlib.util.find_spec = lambda name, *a: None
+      with pytest.raises(ImportError, match=r"install the `tpu` extra \\(pip install -e '\\.\\[tpu\\]'\\)"):
+        simulate.tpu_devices("v5e:2x2")
+  """)
 
 
 def test_config_slices_must_agree_with_num_slices():
-  config = tiny_train.get_config()
-  assert simulate_lib.with_slices(config, 2).mesh.dcn_data == 2
-  assert "dcn_data" not in config.mesh  # the caller's config is left alone
-  with config.unlocked():
-    config.mesh.dcn_data = 4
-  with pytest.raises(ValueError, match="config.mesh.dcn_data=4 but --num_slices=2"):
-    simulate_lib.with_slices(config, 2)
+  in_a_subprocess("""
+      import pytest
+      from configs import tiny_train
+      from launch import simulate
+      config = tiny_train.get_config()
+      assert simulate.with_slices(config, 2).mesh.dcn_data == 2
+      assert "dcn_data" not in config.mesh  # the caller's config is left alone
+      with config.unlocked():
+        config.mesh.dcn_data = 4
+      with pytest.raises(ValueError, match="config.mesh.dcn_data=4 but --num_slices=2"):
+        simulate.with_slices(config, 2)
+  """)
