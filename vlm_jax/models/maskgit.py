@@ -17,7 +17,6 @@ positions is still masked (none after the last).
 
 import dataclasses
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax
