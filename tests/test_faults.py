@@ -159,9 +159,9 @@ def _private_tmpfs_prefix() -> list:
 
 def test_a_full_disk_during_a_save_ends_with_one_message_and_the_previous_checkpoint_intact(tmp_path):
   """A real full disk: the run's workdir on a 10 MiB tmpfs (in a private mount namespace), one
-  checkpoint of the tiny model (~6 MiB) fits and the next does not. The run ends with one line
-  naming the step, the free space and the intact step; no traceback; the partial write is gone
-  and the step before reads back, checksums and all."""
+  checkpoint of the tiny model (~6 MiB) fits and the next does not. The space check before the
+  save ends the run with one line naming the step, the free space and the intact step; no
+  traceback; nothing partial is left and the step before reads back, checksums and all."""
   import subprocess
   import sys
   from vlm_jax.train.checkpoint import verify_checksums
@@ -182,7 +182,7 @@ def test_a_full_disk_during_a_save_ends_with_one_message_and_the_previous_checkp
   assert "Traceback" not in stderr, stderr
   errors = [line for line in stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and errors[0].startswith("error: cannot write checkpoint step 4 to "), stderr
-  assert "the disk is full" in errors[0] and "Intact checkpoints: [2]" in errors[0], errors[0]
+  assert "not enough space" in errors[0] and "Intact checkpoints: [2]" in errors[0], errors[0]
   assert "resumes from step 2" in errors[0]
   ckpts = out / "run" / "checkpoints"
   assert sorted(os.listdir(ckpts)) == ["2"]  # the partial step-4 write was removed

@@ -14,10 +14,13 @@ every file; every read (resume, `init=checkpoint:`, soups and pruning via `read_
 verifies the files it reads first, so flipped bytes of the same size are caught
 (`CheckpointCorrupt`) instead of restoring silently wrong values.
 
-A save that cannot be written (disk full, quota, a file-size limit) raises one
-`CheckpointWriteFailed` naming the step, the free space and the intact steps; its partial
-directory is removed (the space goes back to the next try) and Orbax's own per-thread
-tracebacks of the same failure are not logged. The earlier checkpoints are untouched.
+A full disk: before each save the free space is checked against what the save will write
+(the newest step's size, else the trees' raw size, +10%), on every process; too little is
+one `CheckpointWriteFailed` naming the step, the free space and the intact steps, before a
+byte is written. A write that fails anyway (the disk filled meanwhile; a quota; a file-size
+limit) raises the same error, its partial directory removed (the space goes back) and Orbax's
+own log records of it dropped; TensorStore may still print tracebacks of its callbacks then,
+which cannot be silenced from Python. The earlier checkpoints are untouched either way.
 """
 
 import errno
@@ -34,6 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
+
+from vlm_jax.parallel.distributed import any_process
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +118,7 @@ class _QuietOutOfSpace(logging.Filter):
   with a traceback): the Checkpointer reports that failure once, as CheckpointWriteFailed."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+    if record.levelno < logging.ERROR or not ("orbax" in record.pathname or record.name == "asyncio"):
       return True
     exc = record.exc_info[1] if record.exc_info else None
     return not (any(text in record.getMessage() for text in _OUT_OF_SPACE_TEXT)
@@ -121,9 +126,14 @@ class _QuietOutOfSpace(logging.Filter):
 
 
 def _quiet_orbax_out_of_space() -> None:
-  logger = logging.getLogger("absl")  # Orbax logs through absl
-  if not any(isinstance(f, _QuietOutOfSpace) for f in logger.filters):
-    logger.addFilter(_QuietOutOfSpace())
+  for name in ("absl", "asyncio"):  # Orbax logs through absl; asyncio reports its failed write tasks
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _QuietOutOfSpace) for f in logger.filters):
+      logger.addFilter(_QuietOutOfSpace())
+
+
+def _bytes_under(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def _size(n: float) -> str:
@@ -186,6 +196,10 @@ class Checkpointer:
     silently did nothing loses work). The previous step is sealed with its checksums first.
     A write that fails raises CheckpointWriteFailed (now, or at the next save or close)."""
     self.wait()
+    need, free = self._expected_bytes(params, train), shutil.disk_usage(self.directory).free
+    if any_process(free < need):
+      raise self._write_failed(step, why=f"not enough space on the disk of every process: a checkpoint of "
+                                         f"this run takes about {_size(need)}")
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
@@ -198,7 +212,17 @@ class Checkpointer:
     if not self.options.enable_async_checkpointing:
       self.wait()
 
-  def _write_failed(self, step: int, e: Exception) -> CheckpointWriteFailed:
+  def _expected_bytes(self, params: Any, train: Any) -> int:
+    """What the next save will write, with a 10% margin: the newest step on disk (the same run's
+    trees, compressed alike), else the trees' raw size."""
+    steps = self.steps()
+    if steps:
+      size = _bytes_under(os.path.join(self.directory, str(steps[-1])))
+    else:
+      size = sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves((params, train)))
+    return int(1.1 * size)
+
+  def _write_failed(self, step: int, e: Optional[Exception] = None, why: str = "") -> CheckpointWriteFailed:
     """The one error of a failed save; its partial directory is removed to give the space back."""
     self.failed = True
     if jax.process_index() == 0:
@@ -206,12 +230,12 @@ class Checkpointer:
         shutil.rmtree(partial, ignore_errors=True)
     intact = [s for s in self.steps() if s != step]
     free = shutil.disk_usage(self.directory).free
-    why = "the disk is full" if is_out_of_space(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    why = why or ("the disk is full" if is_out_of_space(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     resume = (f"running the same command again resumes from step {intact[-1]}" if intact
               else "no earlier checkpoint exists, so running it again starts from step 0")
     return CheckpointWriteFailed(
-        f"cannot write checkpoint step {step} to {self.directory}: {why} ({_size(free)} free now, after "
-        f"removing the partial write). Intact checkpoints: {intact or 'none'}. Free some space (or lower "
+        f"cannot write checkpoint step {step} to {self.directory}: {why} ({_size(free)} free now). "
+        f"Intact checkpoints: {intact or 'none'}. Free some space (or lower "
         f"config.checkpoint.keep); {resume}.")
 
   def wait(self) -> None:
