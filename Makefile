@@ -6,6 +6,9 @@ VENV ?= .venv
 # malloc backed by transparent hugepages: fewer page faults on XLA's per-step temporaries
 # (the tiny train step 1.16-1.49x faster; README, benchmarks); ignored where unsupported
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# the targets here run on this machine's CPU; with the tpu extra installed JAX would first try
+# (and fail, with a page of warnings) to start a TPU runtime
+export JAX_PLATFORMS ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
