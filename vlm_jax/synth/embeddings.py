@@ -7,6 +7,7 @@ key, folded from the seed and the caption's index: a caption's codes do not depe
 batch it falls in, so a resumed generation rewrites nothing differently.
 """
 
+import functools
 from typing import Sequence
 
 import jax
@@ -65,15 +66,27 @@ def generate_embeddings(model: TextToCodes, params: dict, tokenizer, captions: S
   return np.concatenate(out)[:n].astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _vq_decode(model: TextToCodes, params: dict, codes: jax.Array) -> jax.Array:
+  return model.apply({"params": params}, codes, method=lambda m, c: m.vq.decode(c))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _vq_encode(model: TextToCodes, params: dict, images: jax.Array) -> jax.Array:
+  return model.apply({"params": params}, images, method=lambda m, x: m.vq.encode(x))
+
+
+def _in_batches(fn, model: TextToCodes, params: dict, x: np.ndarray, batch_size: int) -> np.ndarray:
+  return np.concatenate([np.asarray(fn(model, params, x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
 def decode_to_pixels(model: TextToCodes, params: dict, codes: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """Code grids -> images (normalised like the pipeline's): for inspection, and for the
-  cost of the pixel-space route Synth² avoids (generate, decode, re-encode)."""
-  fn = jax.jit(lambda p, c: model.apply({"params": p}, c, method=lambda m, c: m.vq.decode(c)))
-  return np.concatenate([np.asarray(fn(params, codes[i:i + batch_size])) for i in range(0, len(codes), batch_size)])
+  cost of the pixel-space route Synth² avoids (generate, decode, re-encode). Compiled once
+  per model and batch shape, so timing repeated calls times no compilation."""
+  return _in_batches(_vq_decode, model, params, codes, batch_size)
 
 
 def encode_pixels(model: TextToCodes, params: dict, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """Images -> code grids through the tokenizer's encoder (real images, or decoded ones)."""
-  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, x: m.vq.encode(x)))
-  return np.concatenate([np.asarray(fn(params, images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
-
+  return _in_batches(_vq_encode, model, params, images, batch_size)
