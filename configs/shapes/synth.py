@@ -7,9 +7,13 @@ two objects) the `synth` job's parts (configs/synth.py: image tokenizer, caption
 text-to-codes generator) train on those real pairs only and write `synth.generate.num`
 synthetic pairs; the code-reading VLM then trains from scratch on real only vs real +
 synthetic (1 : 1) for `synth.vlm.steps` steps, per seed of `seeds`; real only on the whole
-pool is the upper reference. Captioning CIDEr-D / BLEU-4 on `eval.num` test images, the
-cost of synthesis in embedding vs pixel space, one table, a plot. `:quick=True` is the
-scaled-down run the tests use. See vlm_jax/experiments/shapes/synth.py.
+pool is the upper reference. Captioning CIDEr-D / BLEU-4 on `eval.num` test images; then
+each VLM gets the same VQA fine-tuning (`vqa.steps` steps of `vqa.batch` on `vqa.train`
+real VQA pairs) and VQA exact match on `vqa.num` test questions; the cost of synthesis in
+embedding vs pixel space, one table, a plot. The VLM's step budget is one flag, e.g.
+`--config.synth.vlm.steps=1600` (`--config.vqa.steps` for the VQA fine-tuning); a changed
+config needs a new workdir. `:quick=True` is the scaled-down run the tests use. See
+vlm_jax/experiments/shapes/synth.py.
 """
 
 import ml_collections
@@ -39,5 +43,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_every = 200
   c.progress = True
   c.eval = ml_collections.ConfigDict(dict(num=8 if q else 200, batch_size=8 if q else 64, max_new_tokens=56))
+  # The same VQA fine-tuning for every captioning VLM (only its starting weights differ), then
+  # exact match on `num` held-out questions (shapes-world VQA: one answer per question).
+  c.vqa = ml_collections.ConfigDict(dict(train=16 if q else 2000, steps=2 if q else 200, lr=1e-3,
+                                         batch=8 if q else 16, num=8 if q else 200, max_new_tokens=6))
   c.lock()
   return c

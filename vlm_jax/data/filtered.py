@@ -3,7 +3,8 @@ r"""A subset of a data set, by record id, as a new TFDS data set (array_record).
     build_filtered(source, kept_ids, data_dir) -> the builder of `filtered_records/<name>`
 
 The kept records are copied byte for byte from the source (images stay encoded as they
-were), in source order, so the pipeline reads the subset like any other source:
+were; a set of image code grids keeps its `codes`), in source order, so the pipeline reads
+the subset like any other source:
 
     data.sources = [dict(name="filtered_records/<name>", split="train")]
     data.data_dir = "<data_dir>"
@@ -26,8 +27,9 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
+from vlm_jax.data import schema
 from vlm_jax.data.rendering import parse_record
-from vlm_jax.data.sources import Source, open_source
+from vlm_jax.data.sources import Source, open_source, resolve
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,21 @@ def _raw_id(raw) -> str:
   return rid.decode("utf-8") if isinstance(rid, bytes) else str(rid)
 
 
-def _schema_dict(record) -> dict:
-  """A record (as the pipeline reads it, images still encoded) as TFDS encodes it."""
+def _schema_dict(record, num_codes: int = 0) -> dict:
+  """A record (as the pipeline reads it, images still encoded) as TFDS encodes it; with its
+  code grids when the data set has the `codes` field (`num_codes` ids per image)."""
   rec = parse_record(record)
-  return {"id": rec.id, "kind": rec.kind, "images": [bytes(im) for im in rec.images],
-          "turns": [{"role": r, "content": c} for r, c in rec.turns], "meta": rec.meta}
+  out = {"id": rec.id, "kind": rec.kind, "images": [bytes(im) for im in rec.images],
+         "turns": [{"role": r, "content": c} for r, c in rec.turns], "meta": rec.meta}
+  if num_codes:
+    out["codes"] = [np.asarray(c, np.int32) for c in rec.codes]
+  return out
+
+
+def code_length(source) -> int:
+  """T, the ids per image of a TFDS data set's `codes` field (0: its records carry no codes)."""
+  features = resolve(as_source(source)).builder.info.features
+  return int(features["codes"].feature.shape[0]) if "codes" in features else 0
 
 
 @functools.cache
@@ -72,11 +84,12 @@ def _filtered_classes():
 
   @dataclasses.dataclass(eq=False)
   class FilteredConfig(tfds.core.BuilderConfig):
-    """The source data set and the file of kept ids (one a line)."""
+    """The source data set, the file of kept ids (one a line) and the source's code length."""
     source: str = ""
     split: str = "train"
     source_data_dir: Optional[str] = None
     ids_path: str = ""
+    num_codes: int = 0
 
   class FilteredRecords(builders.Builder):
     """The kept records of a source data set, in source order, copied unchanged (images stay
@@ -89,6 +102,12 @@ def _filtered_classes():
       self.watch = set(watch)
       self.watched: dict[str, str] = {}  # id -> target text, for records in `watch` (seen while copying)
       self.missing = 0
+
+    def _info(self):
+      cfg = self.builder_config
+      return tfds.core.DatasetInfo(builder=self, description=cfg.description if cfg else self.__doc__,
+                                   features=schema.features(num_codes=getattr(cfg, "num_codes", 0)),
+                                   disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
       cfg = self.builder_config
@@ -110,7 +129,7 @@ def _filtered_classes():
         if rid not in wanted or rid in found:
           continue
         found.add(rid)
-        yield rid, _schema_dict(raw)
+        yield rid, _schema_dict(raw, cfg.num_codes)
       self.missing = len(wanted - found)
       if self.missing:
         log.warning("%d kept id(s) are not in %s:%s (e.g. %s)", self.missing, cfg.source, cfg.split,
@@ -135,8 +154,9 @@ def build_filtered(source, kept_ids: Iterable[str], data_dir: str, *, ids_path: 
                    source_data_dir: Optional[str] = None, watch: Iterable[str] = ()):
   """Prepares (or reuses) `filtered_records/<name>` in `data_dir`: the records of `source`
   ({name, split[, data_dir]} or a pipeline Source naming a TFDS data set) whose id is in
-  `kept_ids`, in source order. Returns the builder (`builder.watched`: the target texts of the
-  `watch` ids met while copying; empty when the data set was already prepared)."""
+  `kept_ids`, in source order, every field kept (`codes` too). Returns the builder
+  (`builder.watched`: the target texts of the `watch` ids met while copying; empty when the
+  data set was already prepared)."""
   src = as_source(source, source_data_dir)
   if not src.name:
     raise ValueError("build_filtered copies from a TFDS data set: the source needs a name")
@@ -151,7 +171,7 @@ def build_filtered(source, kept_ids: Iterable[str], data_dir: str, *, ids_path: 
                           description=f"{len(ids)} records of {src.label} kept by filtering",
                           source=src.name, split=src.split,
                           source_data_dir=src.data_dir and os.path.abspath(src.data_dir),
-                          ids_path=os.path.abspath(ids_path))
+                          ids_path=os.path.abspath(ids_path), num_codes=code_length(src))
   builder = FilteredRecords(config=config, data_dir=data_dir, watch=watch)
   builder.download_and_prepare()
   return builder
