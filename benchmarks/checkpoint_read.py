@@ -1,6 +1,7 @@
-"""Checkpoint read bandwidth: Orbax restore (as saved today, without compression, zarr3,
-without OCDBT, more or fewer concurrent reads) and HF safetensors (memory-mapped), next to
-a memory copy of the same bytes measured in the same run.
+"""Checkpoint read bandwidth: `read_params` (as `Checkpointer` saves today, into new or reused
+arrays, and of an older zstd checkpoint), Orbax restore (with and without compression, with
+fewer concurrent reads) and HF safetensors (memory-mapped), next to a memory copy of the same
+bytes measured in the same run.
 
     .venv/bin/python benchmarks/checkpoint_read.py                 # ~200 MB float32 tree
     .venv/bin/python benchmarks/checkpoint_read.py --layers 16 --width 512 --repeats 5
@@ -15,11 +16,18 @@ right after training, and the part of a read the stack controls). Rows:
                          preallocated arrays (the ceiling of any read into new arrays)
   memcpy (new arrays)    `np.array(copy)` of every leaf: allocation and page faults included,
                          what every reader below also pays
-  orbax ... read_params  `vlm_jax.train.checkpoint.read_params` (CRC32 check, then restore):
-                         how soups, pruning and evaluation read a run's parameters
+  orbax ... read_params  `vlm_jax.train.checkpoint.read_params`, CRC32s checked: how soups,
+                         pruning and evaluation read a run's parameters. "As saved today":
+                         `params` raw (no zstd, no OCDBT), each array's file read straight
+                         into its array, its CRC32 taken from the bytes just read; "into
+                         reused arrays": `out=` the previous read's arrays, as a soup streams
+                         its ingredients; "no CRC32": the same item in a step without
+                         checksums (the read alone); "zstd checkpoint": one written as the
+                         stack did before (Orbax defaults: zstd, OCDBT), read through TensorStore
   orbax ... restore      the restore alone (no CRC32 pass), PyTreeCheckpointHandler options
                          as named; `concurrent_gb` is Orbax's `restore_concurrent_gb`
-  crc32 pass             `verify_checksums` of the params item alone
+  crc32 pass             `verify_checksums` of the params item alone (zlib's CRC32: the
+                         ceiling of any read that checks every byte)
   TensorStore into ...   the item's arrays (opened once, untimed) read by TensorStore
                          straight into arrays allocated once: the format's ceiling
                          without Orbax's per-read work and without new arrays
@@ -87,6 +95,19 @@ def save_orbax(path: str, tree, compression: bool = True, ocdbt: bool = True, za
   handler = ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_zarr3=zarr3, use_compression=compression)
   with ocp.Checkpointer(handler) as ckpt:
     ckpt.save(path, args=ocp.args.PyTreeSave(tree))
+
+
+def save_old_default(workdir: str, tree) -> str:
+  """The tree as the stack saved `params` before (Orbax defaults: zstd, OCDBT) in a step with
+  its checksums, as `Checkpointer` seals one; returns the params item."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=checkpoint.ITEMS,
+                                  options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True))
+  manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(tree),
+                                          train=ocp.args.StandardSave({"step": np.int32(1)}), data=ocp.args.JsonSave({})))
+  manager.wait_until_finished()
+  manager.close()
+  checkpoint.write_checksums(os.path.join(workdir, "checkpoints", "1"))
+  return os.path.join(workdir, "checkpoints", "1", "params")
 
 
 def restore_orbax(path: str, concurrent_gb=None):
@@ -165,35 +186,40 @@ def measure(args) -> dict:
     start = time.perf_counter()
     checkpoint.save_params(os.path.join(root, "stack"), tree, step=1)
     stack_item = checkpoint.params_item_dir(os.path.join(root, "stack"))
+    old_item = save_old_default(os.path.join(root, "old"), tree)
+    unchecked_item = os.path.join(root, "unchecked", "params")  # the same item in a step without checksums
+    shutil.copytree(stack_item, unchecked_item)
     variants = {"zstd, ocdbt (Orbax default)": dict(compression=True),
-                "no compression, ocdbt": dict(compression=False),
-                "no compression, ocdbt, zarr3": dict(compression=False, zarr3=True),
-                "no compression, no ocdbt": dict(compression=False, ocdbt=False)}
+                "no compression, ocdbt": dict(compression=False)}
     paths = {}
     for i, (name, kw) in enumerate(variants.items()):
       paths[name] = os.path.join(root, f"orbax_{i}")
       save_orbax(paths[name], tree, **kw)
     st = os.path.join(root, "safetensors")
     write_tensors(st, flat(tree).items(), max_shard_bytes=1 << 40)
-    print(f"wrote {2 + len(variants)} checkpoints in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"wrote {3 + len(variants)} checkpoints in {time.perf_counter() - start:.1f} s", flush=True)
 
     dst = [np.empty_like(x) for x in leaves]
     step_dir = os.path.dirname(stack_item)
+    reused = checkpoint.read_params(stack_item)
     timed = {
         "memcpy (copyto, preallocated)": lambda: [np.copyto(d, x) for d, x in zip(dst, leaves)],
         "memcpy (new arrays)": lambda: [np.array(x) for x in leaves],
         "orbax as saved today, read_params": lambda: checkpoint.read_params(stack_item),
+        "orbax as saved today, read_params into reused arrays": lambda: checkpoint.read_params(stack_item, out=reused),
+        "orbax as saved today, read_params into reused arrays, no CRC32": (
+            lambda: checkpoint.read_params(unchecked_item, out=reused)),
         "orbax as saved today, restore only": lambda: restore_orbax(stack_item),
         "crc32 pass (verify_checksums)": lambda: checkpoint.verify_checksums(step_dir, under="params"),
+        "orbax zstd checkpoint (the old default), read_params": lambda: checkpoint.read_params(old_item),
     }
     for name, path in paths.items():
       timed[f"orbax {name}, restore"] = lambda path=path: restore_orbax(path)
     nc = paths["no compression, ocdbt"]
-    for gb_limit in (1, 4):
-      timed[f"orbax no compression, ocdbt, restore, concurrent_gb={gb_limit}"] = (
-          lambda g=gb_limit: restore_orbax(nc, concurrent_gb=g))
+    timed["orbax no compression, ocdbt, restore, concurrent_gb=1"] = lambda: restore_orbax(nc, concurrent_gb=1)
     buffers = {name: np.empty(store.shape, store.dtype.numpy_dtype) for name, store in open_arrays(nc).items()}
-    for name, path in (("as saved today", stack_item), ("no compression, ocdbt", nc)):
+    for name, path in (("zstd, ocdbt (the old default)", paths["zstd, ocdbt (Orbax default)"]),
+                       ("no compression, ocdbt", nc)):
       timed[f"orbax {name}, TensorStore into preallocated arrays"] = (
           lambda stores=open_arrays(path): read_into(stores, buffers))
     timed["safetensors (safe_open, get_tensor)"] = lambda: read_safetensors(st)
@@ -216,9 +242,10 @@ def measure(args) -> dict:
     for name, t in zip(names, times):
       s = float(np.median(t[1:]))
       rows.append({"measure": name, "seconds": s, "GB/s": gb / s, "of_memcpy": copy_s / s})
-    check = restore_orbax(paths["no compression, ocdbt"])
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(check), leaves)), "restore differs"
-    sizes = {name: _du(path) / 1e9 for name, path in [("stack", stack_item), *paths.items()]}
+    for check in (restore_orbax(nc), checkpoint.read_params(stack_item, out=reused), checkpoint.read_params(old_item)):
+      assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(check), leaves)), "a read differs"
+    sizes = {name: _du(path) / 1e9 for name, path in [("stack (today)", stack_item), ("stack (old default)", old_item),
+                                                      *paths.items()]}
     return dict(params=n, gb=gb, rows=rows, stored_gb=sizes, info=info, load_avg=os.getloadavg()[0])
   finally:
     if not args.dir:

@@ -8,17 +8,18 @@ The ingredients have the parameter tree of a LLaMA-style `vlm_jax.models.Decoder
 (vocab 32000, width 768, 12 layers, MLP 2048, tied embeddings: ~110M parameters,
 ~0.44 GB in float32), filled with random numbers and written as Orbax checkpoints by
 `vlm_jax.train.checkpoint.Checkpointer` (items params / train / data, as a training
-run writes them) in a temporary directory. Measured, in the same run:
+run writes them; `params` raw, without zstd) in a temporary directory. Measured, in the same run:
   memcpy            NumPy `copyto` of one model-sized float32 array into another
                     (bytes copied per second; the copy reads and writes each byte once)
-  load              `vlm_jax.soups.load(dtype=None)` of each ingredient from its checkpoint
+  read              `read_params(..., out=...)` of each ingredient into one set of host
+                    arrays, CRC32s checked: the soup's own reads
   add (in memory)   `vlm_jax.soups.uniform_soup` of ingredients already in memory: the float32
                     adds and the final division only
-  uniform soup      `vlm_jax.soups.uniform_soup` of the checkpoint paths: load one
-                    ingredient, add it into the float32 sum, drop it; the real workload
-  ... uncompressed  the same soup of the same trees saved as Orbax `params` items without
-                    zstd (`PyTreeCheckpointHandler(use_compression=False)`): what a
-                    checkpoint written without compression would read at
+  uniform soup      `vlm_jax.soups.uniform_soup` of the checkpoint paths: read one
+                    ingredient into the arrays of the one before, add it into the float32
+                    sum; the real workload
+  ... zstd          the same soup of the same trees saved as the stack did before (Orbax
+                    defaults: zstd, OCDBT; checksums): what older checkpoints read at
 GB/s is (k x the model's stored bytes) / seconds, i.e. GB of parameters averaged per second
 (for memcpy: bytes copied per second); "% memcpy" divides it by the memcpy row. The checkpoints were just written, so they are read
 from the page cache, not the disk. Timings are the median of `--repeats`; on a shared
@@ -42,9 +43,9 @@ import numpy as np
 from vlm_jax import report, soups
 from vlm_jax.models import DecoderLM, LMConfig, count_params
 from vlm_jax.models.params import abstract_params
-from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.checkpoint import Checkpointer, read_params
 
-from checkpoint_read import save_orbax
+from checkpoint_read import save_old_default
 
 
 def parse_args(argv=None):
@@ -90,17 +91,17 @@ def measure(args) -> dict:
   print(f"{args.k} ingredients of {n / 1e6:.1f}M {args.dtype} parameters ({model_gb:.3f} GB each) in {root}; "
         f"{_common.describe(_common.machine_info(jax))}", flush=True)
   try:
-    # --- Ingredients as Orbax checkpoints: the stack's (Checkpointer), and uncompressed params items.
+    # --- Ingredients as Orbax checkpoints: the stack's (Checkpointer), and as it saved them before.
     start = time.perf_counter()
-    paths, plain = [], []
+    paths, old = [], []
     for i in range(args.k):
       tree = make(i)
       ckpt = Checkpointer(os.path.join(root, f"ft_{i}", "checkpoints"), keep=1, asynchronous=False)
       ckpt.save(1, tree, {"step": np.asarray(1, np.int32)}, {})
       ckpt.close()
       paths.append(os.path.join(root, f"ft_{i}"))
-      plain.append(os.path.join(root, f"plain_{i}"))
-      save_orbax(plain[-1], tree, compression=False)
+      old.append(os.path.join(root, f"old_{i}"))
+      save_old_default(old[-1], tree)
       del tree
     write_s = time.perf_counter() - start
     print(f"wrote {2 * args.k} checkpoints in {write_s:.1f} s", flush=True)
@@ -114,26 +115,29 @@ def measure(args) -> dict:
     del src, dst
 
     # --- The soup.
-    load_s = _common.median_time(lambda: [soups.load(p, dtype=None) for p in paths], args.repeats)
+    buffers = read_params(paths[0])
+    read_s = _common.median_time(lambda: [read_params(p, out=buffers) for p in paths], args.repeats)
+    del buffers
     in_memory = [soups.load(p, dtype=None) for p in paths]
     add_s = _common.median_time(lambda: soups.uniform_soup(in_memory), args.repeats)
     del in_memory
     soup_s = _common.median_time(lambda: soups.uniform_soup(paths), args.repeats)
-    plain_s = _common.median_time(lambda: soups.uniform_soup(plain), args.repeats)
+    old_s = _common.median_time(lambda: soups.uniform_soup(old), args.repeats)
 
     total_gb = args.k * model_gb
     rows = [
         {"measure": "memcpy (NumPy copyto)", "GB": copy_gb, "seconds": copy_s},
-        {"measure": f"load {args.k} checkpoints", "GB": total_gb, "seconds": load_s},
+        {"measure": f"read {args.k} checkpoints into one set of arrays", "GB": total_gb, "seconds": read_s},
         {"measure": f"add {args.k} (in memory, float32)", "GB": total_gb, "seconds": add_s},
         {"measure": f"uniform soup of {args.k} (streaming from Orbax)", "GB": total_gb, "seconds": soup_s},
-        {"measure": f"uniform soup of {args.k}, uncompressed Orbax", "GB": total_gb, "seconds": plain_s},
+        {"measure": f"uniform soup of {args.k}, zstd checkpoints (the old default)", "GB": total_gb,
+         "seconds": old_s},
     ]
     for r in rows:
       r["GB/s"] = r["GB"] / r["seconds"]
       r["of_memcpy"] = r["GB/s"] / rows[0]["GB/s"]
     return {"k": args.k, "params": n, "dtype": args.dtype, "rows": rows, "write_seconds": write_s,
-            "jax": jax.__version__}
+            "jax": jax.__version__, "load_avg": os.getloadavg()[0]}
   finally:
     if not args.dir:
       shutil.rmtree(root, ignore_errors=True)
@@ -147,7 +151,10 @@ def main(argv=None):
                        "% memcpy": 100 * r["of_memcpy"]} for r in rows],
                      f"Soup throughput: {args.k} x {result['params'] / 1e6:.1f}M {args.dtype} parameters "
                      f"(median of {args.repeats})")
-  print(f"uniform soup / memcpy bandwidth: {rows[3]['of_memcpy']:.2f} (uncompressed: {rows[4]['of_memcpy']:.2f})")
+  copy, read, soup, old = rows[0], rows[1], rows[3], rows[4]
+  print(f"reads {read['GB/s']:.2f} GB/s next to memcpy {copy['GB/s']:.2f} GB/s in the same run: "
+        f"{100 * read['of_memcpy']:.0f}% (the uniform soup {100 * soup['of_memcpy']:.0f}%, of zstd checkpoints "
+        f"{100 * old['of_memcpy']:.0f}%); 1-min load average {result['load_avg']:.2f}")
   if args.json:
     report.write_json(args.json, result)
   return result

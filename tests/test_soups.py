@@ -258,6 +258,25 @@ def test_streaming_keeps_one_ingredient_alive(tmp_path):
   assert loader.loads == 8 and loader.max_alive == 1  # one load per trial, not |P|
 
 
+def test_orbax_ingredients_stream_through_one_set_of_arrays(tmp_path):
+  ps = [small(s) for s in range(3)]
+  runs = [save_run(tmp_path / f"r{i}", {1: p}) for i, p in enumerate(ps)]
+  reader = soups.StreamReader()
+  first = reader(soups.Ingredient.parse(runs[0]))
+  scale = first["lm"]["norm"]["scale"]
+  second = reader(soups.Ingredient.parse(runs[1]))
+  assert second["lm"]["norm"]["scale"] is scale  # read in place, not into new arrays
+  assert_tree_equal(second, ps[1])
+  assert_tree_equal(soups.uniform_soup(runs), hand_mean(ps))
+  # A bfloat16 ingredient after float32 ones does not fit their arrays: read into new ones, averaged alike.
+  bf = jax.tree.map(lambda x: x.astype(BF16), ps[2])
+  assert_tree_equal(soups.uniform_soup(runs[:2] + [save_run(tmp_path / "bf", {1: bf})]), hand_mean(ps[:2] + [bf]))
+  # Another model's checkpoint: the soup's own message, nothing reshaped into the arrays.
+  other = save_run(tmp_path / "other", {1: {**ps[0], "proj": {"bias": np.zeros(5, F32)}}})
+  with pytest.raises(ValueError, match=r"ingredient 1 .*'proj/bias' has shape \(5,\), the first ingredient \(2,\)"):
+    soups.uniform_soup([runs[0], other])
+
+
 # ----------------------------------------------------------------------------- round trips
 
 def tiny_lm():

@@ -16,9 +16,9 @@ The package reads top to bottom:
 
 from vlm_jax.soups.average import (TIES, RunningSum, greedy_soup, maximum_soup, rank, score_ingredients,
                                    top_p_count, uniform_soup)
-from vlm_jax.soups.ingredients import Ingredient, check_compatible, load, read_stored, signature
+from vlm_jax.soups.ingredients import Ingredient, StreamReader, check_compatible, load, read_stored, signature
 from vlm_jax.soups.jobs import load_evaluator, output_format, save
 
-__all__ = ["TIES", "Ingredient", "RunningSum", "check_compatible", "greedy_soup", "load", "load_evaluator",
-           "maximum_soup", "output_format", "rank", "read_stored", "save", "score_ingredients", "signature",
-           "top_p_count", "uniform_soup"]
+__all__ = ["TIES", "Ingredient", "RunningSum", "StreamReader", "check_compatible", "greedy_soup", "load",
+           "load_evaluator", "maximum_soup", "output_format", "rank", "read_stored", "save", "score_ingredients",
+           "signature", "top_p_count", "uniform_soup"]

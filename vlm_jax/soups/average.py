@@ -6,8 +6,11 @@
 
 Streaming: ingredients are loaded one at a time and added into one float32
 accumulator (a running sum and a count), so peak host memory is about one
-ingredient as stored plus the float32 sum, never k models. The greedy soup holds
-one more float32 tree: the trial soup it hands to `evaluate`.
+ingredient as stored plus the float32 sum, never k models. The uniform and maximum
+soups read every Orbax ingredient into the same host arrays (`StreamReader`), so
+one ingredient is allocated once. The greedy soup holds one more float32 tree: the
+trial soup it hands to `evaluate` (its ingredients are read into fresh arrays, as
+`evaluate` may keep what it is given).
 
 Precision: every floating parameter is upcast to float32 *before* it is added,
 whatever its stored dtype, and the sum is divided by the count at the end. The
@@ -38,8 +41,8 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from vlm_jax.soups.ingredients import (Ingredient, Loader, Params, Source, check_compatible, flatten, is_float,
-                                       read_stored, signature)
+from vlm_jax.soups.ingredients import (Ingredient, Loader, Params, Source, StreamReader, check_compatible, flatten,
+                                       is_float, read_stored, signature)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ def uniform_soup(sources: Sequence[Source], *, loader: Optional[Loader] = None) 
   `loader(ingredient) -> tree` replaces the default reader (stored dtypes, host arrays).
   """
   ingredients = [Ingredient.parse(s) for s in sources]
-  return _stream_sum(list(enumerate(ingredients)), loader or read_stored).finish()
+  return _stream_sum(list(enumerate(ingredients)), loader or StreamReader()).finish()
 
 
 def rank(scores: Sequence[float]) -> list[int]:
@@ -176,7 +179,7 @@ def maximum_soup(sources: Sequence[Source], scores: Sequence[float], top_p: Unio
   scores = _check_scores(scores, len(ingredients))
   chosen = rank(scores)[:top_p_count(top_p, len(ingredients))]
   log.info("maximum soup: the top %d of %d: %s", len(chosen), len(ingredients), chosen)
-  return _stream_sum([(i, ingredients[i]) for i in chosen], loader or read_stored).finish()
+  return _stream_sum([(i, ingredients[i]) for i in chosen], loader or StreamReader()).finish()
 
 
 def score_ingredients(sources: Sequence[Source], evaluate: Callable[[Params], float], *,

@@ -30,7 +30,7 @@ import numpy as np
 
 from vlm_jax.interop import from_hf
 from vlm_jax.models.params import stack_layers
-from vlm_jax.train.checkpoint import read_params
+from vlm_jax.train.checkpoint import CheckpointMismatch, read_params
 
 Params = Any
 Source = Union["Ingredient", str, os.PathLike, Any]
@@ -90,18 +90,45 @@ class Ingredient:
 
 # ----------------------------------------------------------------------------- loading
 
-def read_stored(ing: Ingredient) -> Params:
-  """The default loader: the ingredient's tree as stored (no dtype change), arrays on host."""
+def read_stored(ing: Ingredient, out: Params = None) -> Params:
+  """The default loader: the ingredient's tree as stored (no dtype change), arrays on host.
+
+  `out` (Orbax ingredients): host arrays of an earlier read of the same model to read into
+  (see `train.checkpoint.read_params`); a CheckpointMismatch when the ingredient does not fit them.
+  """
   if ing.kind == "tree":
     return jax.tree.map(np.asarray, ing.tree)
   if ing.kind == "hf":
     _, params = from_hf(ing.path)
     return jax.tree.map(np.asarray, params)
   try:
-    return read_params(ing.path, ing.step)
+    return read_params(ing.path, ing.step, out=out)
+  except CheckpointMismatch:
+    raise
   except (FileNotFoundError, ValueError) as e:  # the same error, naming the ingredient as given
     _silence_orphaned_reads()
     raise type(e)(f"soup ingredient {ing.name!r}: {e}") from None  # the message carries the cause
+
+
+class StreamReader:
+  """The default loader of a streamed soup: each Orbax ingredient is read into the host arrays
+  of the one before (one model allocated once, not k times). The caller drops each tree before
+  the next load (the next read overwrites it). An ingredient that does not fit those arrays
+  (another dtype, or another model: refused by the soup's own check) is read into new ones.
+  """
+
+  def __init__(self):
+    self.buffers = None
+
+  def __call__(self, ing: Ingredient) -> Params:
+    if ing.kind != "orbax":
+      return read_stored(ing)
+    try:
+      tree = read_stored(ing, out=self.buffers)
+    except CheckpointMismatch:
+      tree = read_stored(ing)
+    self.buffers = tree
+    return tree
 
 
 def _silence_orphaned_reads() -> None:

@@ -3,6 +3,12 @@
 Three items per step: `params` (alone, so a later stage or an export can read
 just them), `train` (step, optimiser state, RNG) and `data` (the input
 iterator's JSON state, so a resumed run sees exactly the next batch).
+`params` is stored raw: no zstd, no OCDBT, so each array (each shard, when sharded)
+is one file of its bytes, which `read_params` reads straight into host arrays. Float
+weights barely compress (8% on random mantissas), and soups, evaluation and pruning
+read `params` many times, where decompression held reads to 5-8% of memory-copy
+bandwidth. `train` keeps Orbax's defaults (zstd, OCDBT): it is twice the size and
+read once, on resume. Older checkpoints (zstd `params`) read as before.
 A checkpoint that cannot be read (its write was cut off, a file truncated) is
 moved aside to `<step>.corrupt` with one line of warning, and the newest readable one
 is used; the run then saves that step again. A checkpoint whose parameter shapes
@@ -30,11 +36,13 @@ import logging
 import os
 import shutil
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 from flax import traverse_util
 
@@ -75,20 +83,30 @@ def write_checksums(step_dir: str) -> None:
 def verify_checksums(step_dir: str, under: str = "") -> None:
   """Raises CheckpointCorrupt naming the first file (below `under`) whose bytes changed or
   that is missing; a step without checksums (older, or still being written) passes."""
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    sums = json.load(f)
-  for name, crc in sorted(sums.items()):
-    if not name.startswith(under):
-      continue
-    file = os.path.join(step_dir, name)
+  _check_files({os.path.join(step_dir, name): crc for name, crc in _recorded_checksums(step_dir, under).items()})
+
+
+def _check_files(sums: dict) -> None:
+  """Raises CheckpointCorrupt at the first of `sums` ({path: CRC32}) that is missing or changed."""
+  for file, crc in sorted(sums.items()):
     if not os.path.exists(file):
       raise CheckpointCorrupt(f"{file} is missing (it was written with the checkpoint)")
-    if _crc32(file) != crc:
-      raise CheckpointCorrupt(f"{file} has changed since it was written (CRC32 {_crc32(file)}, "
-                              f"written {crc}): bit rot or an overwrite")
+    _check_crc(file, _crc32(file), crc)
+
+
+def _recorded_checksums(step_dir: str, under: str = "") -> dict:
+  """{file name relative to the step: CRC32} of the files below `under`; {} without checksums."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {name: crc for name, crc in json.load(f).items() if name.startswith(under)}
+
+
+def _check_crc(file: str, got: str, written: str) -> None:
+  if got != written:
+    raise CheckpointCorrupt(f"{file} has changed since it was written (CRC32 {got}, "
+                            f"written {written}): bit rot or an overwrite")
 
 
 class CheckpointWriteFailed(OSError):
@@ -113,11 +131,14 @@ def is_out_of_space(e: BaseException) -> bool:
   return False
 
 
-class _QuietOutOfSpace(logging.Filter):
+class _QuietOrbax(logging.Filter):
   """Drops Orbax's own log records of an out-of-space write (one per background thread, each
-  with a traceback): the Checkpointer reports that failure once, as CheckpointWriteFailed."""
+  with a traceback): the Checkpointer reports that failure once, as CheckpointWriteFailed. And
+  its warning on every save that `params` (written without OCDBT, on purpose) has no OCDBT to merge."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if "Skipping merge of OCDBT checkpoints" in record.getMessage():
+      return False
     if record.levelno < logging.ERROR or not ("orbax" in record.pathname or record.name == "asyncio"):
       return True
     exc = record.exc_info[1] if record.exc_info else None
@@ -125,11 +146,11 @@ class _QuietOutOfSpace(logging.Filter):
                 or (exc is not None and is_out_of_space(exc)))
 
 
-def _quiet_orbax_out_of_space() -> None:
+def _quiet_orbax() -> None:
   for name in ("absl", "asyncio"):  # Orbax logs through absl; asyncio reports its failed write tasks
     logger = logging.getLogger(name)
-    if not any(isinstance(f, _QuietOutOfSpace) for f in logger.filters):
-      logger.addFilter(_QuietOutOfSpace())
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+      logger.addFilter(_QuietOrbax())
 
 
 def _bytes_under(path: str) -> int:
@@ -177,16 +198,27 @@ def set_aside(step_dir: str, reason: Exception) -> str:
   return target
 
 
+def _item_handlers() -> dict:
+  """How each item is written: `params` without compression (see the module docstring)."""
+  return {"params": ocp.PyTreeCheckpointHandler(use_compression=False, use_ocdbt=False),
+          "train": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
+def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
+  """Restores the `params` item onto `abstract`'s shapes, dtypes and shardings."""
+  return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
     self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                                 create=True)
-    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self.options)
+    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(), options=self.options)
     self.in_flight: Optional[int] = None  # the step being written asynchronously
     self.failed = False
-    _quiet_orbax_out_of_space()
+    _quiet_orbax()
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -202,7 +234,7 @@ class Checkpointer:
                                          f"this run takes about {_size(need)}")
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+          params=ocp.args.PyTreeSave(params), train=ocp.args.StandardSave(train),
           data=ocp.args.JsonSave(data_state)), force=force)
     except Exception as e:  # noqa: BLE001 — reported once, with what is intact
       raise self._write_failed(step, e) from e
@@ -266,7 +298,7 @@ class Checkpointer:
       try:
         verify_checksums(step_dir)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params), train=ocp.args.StandardRestore(abstract_train),
+            params=_restore_args(abstract_params), train=ocp.args.StandardRestore(abstract_train),
             data=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 — any unreadable checkpoint is set aside, loudly
         set_aside(step_dir, e)
@@ -283,7 +315,7 @@ class Checkpointer:
       target, n = f"{self.directory}.old.{n}", n + 1
     if jax.process_index() == 0:
       os.rename(self.directory, target)
-    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=self.options)
+    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(), options=self.options)
     return target
 
   def close(self) -> None:
@@ -399,23 +431,162 @@ def params_item_dir(path: str, step: Optional[int] = None) -> str:
   return item
 
 
-def read_params(path: str, step: Optional[int] = None) -> Any:
+def read_params(path: str, step: Optional[int] = None, out: Any = None) -> Any:
   """The `params` item (see `params_item_dir`) as host NumPy arrays in their stored dtypes.
 
   No abstract tree needed: what averages or inspects checkpoints of any model reads this.
+  Every file of the item is checked against its CRC32 (inside a step). An array stored raw in
+  one file (how `Checkpointer` writes `params`) is read straight into its host array, its CRC32
+  taken from the bytes just read (one pass over the file); others (older, zstd checkpoints)
+  go through TensorStore while a thread checks their files. `out`: a tree returned by an earlier
+  `read_params` of the same model (same parameters, shapes and dtypes), read into in place and
+  returned, so a stream of checkpoints (a soup's ingredients) allocates one model once; a
+  checkpoint that does not fit it is a CheckpointMismatch before a byte is read (after any
+  other error, its values are undefined).
   """
   item = params_item_dir(path, step)
-  if os.path.basename(item) == "params":  # inside a step: its checksums cover the item
-    verify_checksums(os.path.dirname(item), under="params")
+  in_step = os.path.basename(item) == "params"  # inside a step: its checksums cover the item
+  sums = _recorded_checksums(os.path.dirname(item), "params") if in_step else {}
+  try:
+    return _read_item(item, out, {os.path.join(os.path.dirname(item), name): crc for name, crc in sums.items()})
+  except (CheckpointMismatch, CheckpointCorrupt):
+    raise
+  except Exception as e:  # noqa: BLE001 — name the checkpoint, keep the cause
+    if in_step:
+      verify_checksums(os.path.dirname(item), "params")  # changed bytes explain a failed read best
+    raise ValueError(f"cannot read the Orbax checkpoint {item!r} ({type(e).__name__}: {e}); "
+                     f"pick another step") from e
+
+
+_ARRAY_TYPES = ("np.ndarray", "jax.Array")
+_DICT_KEY = 2  # Orbax's key_type of a dict key (1: a sequence index)
+_PIECE = 1 << 20  # bytes read, then checksummed while they are still in the cache
+
+
+def _read_item(item: str, out: Any, sums: dict) -> Any:
+  """The arrays of a `params` item into `out`'s leaves or new arrays, checked against `sums`
+  ({file: CRC32}); items with other leaves (Python scalars) or containers (lists) go through
+  Orbax's own restore."""
+  with open(os.path.join(item, "_METADATA")) as f:
+    stored = json.load(f)
+  entries = list(stored["tree_metadata"].values())
+  if not all(e["value_metadata"]["value_type"] in _ARRAY_TYPES and not e["value_metadata"]["skip_deserialize"]
+             and all(k["key_type"] == _DICT_KEY for k in e["key_metadata"]) for e in entries):
+    with ThreadPoolExecutor(1) as pool:
+      check = pool.submit(_check_files, sums)
+      tree = _restore_with_orbax(item)
+      check.result()
+    return _into(out, tree, item)
+  keys = [tuple(str(k["key"]) for k in e["key_metadata"]) for e in entries]
+  context = ts.Context({"file_io_concurrency": {"limit": 128}})
+  stores = [ts.open(_spec(item, ".".join(key), stored), context=context, read=True) for key in keys]
+  stores = {"/".join(key): s.result() for key, s in zip(keys, stores)}
+  buffers = _buffers(out, {p: (tuple(s.shape), np.dtype(s.dtype.numpy_dtype)) for p, s in stores.items()}, item)
+  raw = {p: _raw_file(s) for p, s in stores.items()}
+  raw = {p: file for p, file in raw.items() if file and os.path.getsize(file) == buffers[p].nbytes}
+  with ThreadPoolExecutor(1) as pool:  # the files TensorStore reads are checked meanwhile
+    check = pool.submit(_check_files, {f: crc for f, crc in sums.items() if f not in raw.values()})
+    for p, file in raw.items():
+      _read_raw(file, buffers[p], sums.get(file))
+    _read_windowed([(s, buffers[p]) for p, s in stores.items() if p not in raw])
+    check.result()
+  return traverse_util.unflatten_dict({key: buffers["/".join(key)] for key in keys})
+
+
+def _raw_file(store: ts.TensorStore) -> Optional[str]:
+  """The one file holding `store`'s array as raw C-order bytes (zarr v2, no codec, one
+  chunk, little-endian), or None."""
+  spec = store.spec().to_json()
+  meta, kvstore = spec["metadata"], spec["kvstore"]
+  if (kvstore["driver"] != "file" or spec["driver"] != "zarr" or meta.get("compressor") or meta.get("filters")
+      or meta.get("order", "C") != "C" or list(meta["chunks"]) != list(meta["shape"])
+      or str(meta["dtype"]).startswith(">")):
+    return None
+  key = meta.get("dimension_separator", ".").join("0" * len(meta["shape"])) or "0"
+  file = os.path.join(kvstore["path"], key)
+  return file if os.path.isfile(file) else None
+
+
+def _read_raw(file: str, array: np.ndarray, crc: Optional[str]) -> None:
+  """`file`'s bytes into `array` in pieces, each checksummed right after it is read."""
+  view = memoryview(array.reshape(-1).view(np.uint8))
+  got = 0
+  with open(file, "rb", buffering=0) as f:
+    for start in range(0, len(view), _PIECE):
+      piece = view[start:start + _PIECE]
+      if f.readinto(piece) != len(piece):
+        raise CheckpointCorrupt(f"{file} is shorter than when it was written")
+      if crc is not None:
+        got = zlib.crc32(piece, got)
+  if crc is not None:
+    _check_crc(file, f"{got:08x}", crc)
+
+
+# TensorStore reads into buffers of its own, which its threads' malloc arenas keep: this many
+# bytes in flight bound that transient memory well below a model (~2 models for a soup).
+READ_WINDOW_BYTES = 64 << 20
+
+
+def _read_windowed(reads: list) -> None:
+  """Each (store, array): the store read into the array by TensorStore, with at most
+  READ_WINDOW_BYTES (or one array) in flight."""
+  pending, in_flight = [], 0
+  for store, array in reads:
+    while pending and in_flight + array.nbytes > READ_WINDOW_BYTES:
+      done, size = pending.pop(0)
+      done.result()
+      in_flight -= size
+    pending.append((ts.array(array, copy=False, write=True).write(store), array.nbytes))
+    in_flight += array.nbytes
+  for done, _ in pending:
+    done.result()
+
+
+def _spec(item: str, name: str, stored: dict) -> dict:
+  driver = "zarr3" if stored.get("use_zarr3") else "zarr"
+  if stored.get("use_ocdbt", True):
+    return {"driver": driver, "kvstore": {"driver": "ocdbt", "base": f"file://{item}/", "path": name}}
+  return {"driver": driver, "kvstore": {"driver": "file", "path": os.path.join(item, name, "")}}
+
+
+def _buffers(out: Any, found: dict, item: str) -> dict:
+  """{path: host array to read into}: `out`'s leaves when they fit `found` exactly, else new ones."""
+  if out is None:
+    return {p: np.empty(shape, dtype) for p, (shape, dtype) in found.items()}
+  mine = traverse_util.flatten_dict(out, sep="/")
+  for name in sorted(set(found) | set(mine)):
+    have = mine.get(name)
+    have = None if have is None else (tuple(have.shape), np.dtype(have.dtype))
+    if have != found.get(name):
+      there = "missing" if name not in found else f"{found[name][0]} {np.dtype(found[name][1]).name}"
+      here = "absent" if have is None else f"{have[0]} {have[1].name}"
+      raise CheckpointMismatch(f"the checkpoint {item} does not fit `out` (a checkpoint of another model?): "
+                               f"parameter {name!r} is {there} there and {here} in `out`")
+  for name, x in mine.items():
+    if not (isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable):
+      raise ValueError(f"`out` must hold writable, C-contiguous NumPy arrays (what read_params returns); "
+                       f"parameter {name!r} is a {type(x).__name__}")
+  return mine
+
+
+def _into(out: Any, tree: Any, item: str) -> Any:
+  """`tree` (read by Orbax) copied into `out` when given (the same checks as a direct read)."""
+  if out is None:
+    return tree
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  buffers = _buffers(out, {p: (tuple(np.shape(x)), np.asarray(x).dtype) for p, x in flat.items()}, item)
+  for p, x in flat.items():
+    np.copyto(buffers[p], x)
+  return out
+
+
+def _restore_with_orbax(item: str) -> Any:
   handler = ocp.PyTreeCheckpointHandler()
   checkpointer = ocp.Checkpointer(handler)
   try:
     metadata = handler.metadata(epath.Path(item)).tree  # the handler's own: no step-metadata warning
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     return checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except Exception as e:  # noqa: BLE001 — name the checkpoint, keep the cause
-    raise ValueError(f"cannot read the Orbax checkpoint {item!r} ({type(e).__name__}: {e}); "
-                     f"pick another step") from e
   finally:
     checkpointer.close()
 
