@@ -16,18 +16,18 @@ right after training, and the part of a read the stack controls). Rows:
                          preallocated arrays (the ceiling of any read into new arrays)
   memcpy (new arrays)    `np.array(copy)` of every leaf: allocation and page faults included,
                          what every reader below also pays
-  orbax ... read_params  `vlm_jax.train.checkpoint.read_params`, CRC32s checked: how soups,
+  orbax ... read_params  `vlm_jax.train.checkpoint.read_params`, checksums verified: how soups,
                          pruning and evaluation read a run's parameters. "As saved today":
                          `params` raw (no zstd, no OCDBT), each array's file read straight
-                         into its array, its CRC32 taken from the bytes just read; "into
+                         into its array, its CRC32C taken from the bytes just read; "into
                          reused arrays": `out=` the previous read's arrays, as a soup streams
-                         its ingredients; "no CRC32": the same item in a step without
+                         its ingredients; "no checksum": the same item in a step without
                          checksums (the read alone); "zstd checkpoint": one written as the
                          stack did before (Orbax defaults: zstd, OCDBT), read through TensorStore
-  orbax ... restore      the restore alone (no CRC32 pass), PyTreeCheckpointHandler options
+  orbax ... restore      the restore alone (no checksum pass), PyTreeCheckpointHandler options
                          as named; `concurrent_gb` is Orbax's `restore_concurrent_gb`
-  crc32 pass             `verify_checksums` of the params item alone (zlib's CRC32: the
-                         ceiling of any read that checks every byte)
+  checksum pass          `verify_checksums` of the params item alone (CRC32C, what new steps
+                         record: the ceiling of any read that checks every byte)
   TensorStore into ...   the item's arrays (opened once, untimed) read by TensorStore
                          straight into arrays allocated once: the format's ceiling
                          without Orbax's per-read work and without new arrays
@@ -111,7 +111,7 @@ def save_old_default(workdir: str, tree) -> str:
 
 
 def restore_orbax(path: str, concurrent_gb=None):
-  """What `read_params` restores (host NumPy arrays, stored dtypes), without its CRC32 pass."""
+  """What `read_params` restores (host NumPy arrays, stored dtypes), without its checksum pass."""
   handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb)
   with ocp.Checkpointer(handler) as ckpt:
     metadata = handler.metadata(epath.Path(path)).tree
@@ -207,10 +207,10 @@ def measure(args) -> dict:
         "memcpy (new arrays)": lambda: [np.array(x) for x in leaves],
         "orbax as saved today, read_params": lambda: checkpoint.read_params(stack_item),
         "orbax as saved today, read_params into reused arrays": lambda: checkpoint.read_params(stack_item, out=reused),
-        "orbax as saved today, read_params into reused arrays, no CRC32": (
+        "orbax as saved today, read_params into reused arrays, no checksum": (
             lambda: checkpoint.read_params(unchecked_item, out=reused)),
         "orbax as saved today, restore only": lambda: restore_orbax(stack_item),
-        "crc32 pass (verify_checksums)": lambda: checkpoint.verify_checksums(step_dir, under="params"),
+        "checksum pass (verify_checksums, CRC32C)": lambda: checkpoint.verify_checksums(step_dir, under="params"),
         "orbax zstd checkpoint (the old default), read_params": lambda: checkpoint.read_params(old_item),
     }
     for name, path in paths.items():

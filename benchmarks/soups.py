@@ -12,7 +12,7 @@ run writes them; `params` raw, without zstd) in a temporary directory. Measured,
   memcpy            NumPy `copyto` of one model-sized float32 array into another
                     (bytes copied per second; the copy reads and writes each byte once)
   read              `read_params(..., out=...)` of each ingredient into one set of host
-                    arrays, CRC32s checked: the soup's own reads
+                    arrays, checksums verified: the soup's own reads
   add (in memory)   `vlm_jax.soups.uniform_soup` of ingredients already in memory: the float32
                     adds and the final division only
   uniform soup      `vlm_jax.soups.uniform_soup` of the checkpoint paths: read one

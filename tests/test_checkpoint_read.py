@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
+import google_crc32c
 import jax
 import ml_dtypes
 import numpy as np
@@ -45,7 +47,9 @@ def save_compressed_the_old_way(workdir, params, step=1):
   manager.wait_until_finished()
   manager.close()
   step_dir = os.path.join(workdir, "checkpoints", str(step))
-  checkpoint.write_checksums(step_dir)
+  with open(os.path.join(step_dir, checkpoint.CHECKSUMS), "w") as f:  # zlib's CRC32, bare hex, as then
+    json.dump({name: f"{zlib.crc32(open(os.path.join(step_dir, name), 'rb').read()):08x}"
+               for name in checkpoint._files(step_dir)}, f)
   return str(workdir)
 
 
@@ -109,6 +113,17 @@ def test_old_compressed_checkpoints_still_read_and_are_checked(tmp_path):
   assert_same(read_params(old, out=out), tree(2))  # an old checkpoint into a new one's buffers
   abstract = {k: v for k, v in tree(2).items()}
   assert_same(checkpoint.restore_params(old, abstract), tree(2))
+
+
+def test_new_steps_record_each_file_s_crc32c(tmp_path):
+  """The recorded value is the file's CRC32C (an independent computation), named as such."""
+  save_params(str(tmp_path), tree(5), step=1)
+  step_dir = os.path.join(tmp_path, "checkpoints", "1")
+  sums = json.load(open(os.path.join(step_dir, checkpoint.CHECKSUMS)))
+  assert any(name.startswith("params") for name in sums)
+  for name, recorded in sums.items():
+    data = open(os.path.join(step_dir, name), "rb").read()
+    assert recorded == f"crc32c:{google_crc32c.value(data):08x}", name
 
 
 @pytest.mark.parametrize("old", [False, True])

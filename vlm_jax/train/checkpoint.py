@@ -15,9 +15,10 @@ is used; the run then saves that step again. A checkpoint whose parameter shapes
 differ from the model's is not torn but another run's: that is an error
 (`CheckpointMismatch`), never a silent fresh start over someone's workdir.
 
-Bit rot: once a step is written, `checksums.json` in its directory records the CRC32 of
-every file; every read (resume, `init=checkpoint:`, soups and pruning via `read_params`)
-verifies the files it reads first, so flipped bytes of the same size are caught
+Bit rot: once a step is written, `checksums.json` in its directory records the CRC32C of
+every file (a hardware CRC, 2-3x faster than zlib's CRC32 here, which bound verified reads;
+steps written before record zlib's CRC32 and are checked with it); every read (resume,
+`init=checkpoint:`, soups and pruning via `read_params`) verifies the files it reads first, so flipped bytes of the same size are caught
 (`CheckpointCorrupt`) instead of restoring silently wrong values.
 
 A full disk: before each save the free space is checked against what the save will write
@@ -42,6 +43,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import google_crc32c
 import tensorstore as ts
 from etils import epath
 from flax import traverse_util
@@ -55,15 +57,37 @@ CHECKSUMS = "checksums.json"
 
 
 class CheckpointCorrupt(ValueError):
-  """A checkpoint file's bytes differ from what was written (its CRC32 in checksums.json)."""
+  """A checkpoint file's bytes differ from what was written (its checksum in checksums.json)."""
 
 
-def _crc32(path: str) -> str:
-  crc = 0
+# A recorded checksum names its algorithm: "crc32c:<hex>"; a bare "<hex>" is zlib's CRC32
+# (steps written before CRC32C).
+_CRC32C = "crc32c:"
+
+
+class _Checksum:
+  """The running checksum of one file, in the algorithm its recorded value names."""
+
+  def __init__(self, written: str = _CRC32C):
+    self.castagnoli = written.startswith(_CRC32C)
+    self.value = 0
+
+  def update(self, piece) -> None:
+    if self.castagnoli:  # the C extension takes only `bytes`: one copy of a cached piece
+      self.value = google_crc32c.extend(self.value, piece if isinstance(piece, bytes) else bytes(piece))
+    else:
+      self.value = zlib.crc32(piece, self.value)
+
+  def hex(self) -> str:
+    return f"{_CRC32C if self.castagnoli else ''}{self.value:08x}"
+
+
+def _checksum(path: str, written: str = _CRC32C) -> str:
+  crc = _Checksum(written)
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
-      crc = zlib.crc32(chunk, crc)
-  return f"{crc:08x}"
+      crc.update(chunk)
+  return crc.hex()
 
 
 def _files(step_dir: str) -> list[str]:
@@ -72,8 +96,8 @@ def _files(step_dir: str) -> list[str]:
 
 
 def write_checksums(step_dir: str) -> None:
-  """Records the CRC32 of every file of a finished step (process 0; the write is atomic)."""
-  sums = {name: _crc32(os.path.join(step_dir, name)) for name in _files(step_dir)}
+  """Records the CRC32C of every file of a finished step (process 0; the write is atomic)."""
+  sums = {name: _checksum(os.path.join(step_dir, name)) for name in _files(step_dir)}
   tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
   with open(tmp, "w") as f:
     json.dump(sums, f, indent=0, sort_keys=True)
@@ -87,15 +111,15 @@ def verify_checksums(step_dir: str, under: str = "") -> None:
 
 
 def _check_files(sums: dict) -> None:
-  """Raises CheckpointCorrupt at the first of `sums` ({path: CRC32}) that is missing or changed."""
+  """Raises CheckpointCorrupt at the first of `sums` ({path: checksum}) that is missing or changed."""
   for file, crc in sorted(sums.items()):
     if not os.path.exists(file):
       raise CheckpointCorrupt(f"{file} is missing (it was written with the checkpoint)")
-    _check_crc(file, _crc32(file), crc)
+    _check_crc(file, _checksum(file, crc), crc)
 
 
 def _recorded_checksums(step_dir: str, under: str = "") -> dict:
-  """{file name relative to the step: CRC32} of the files below `under`; {} without checksums."""
+  """{file name relative to the step: checksum} of the files below `under`; {} without checksums."""
   path = os.path.join(step_dir, CHECKSUMS)
   if not os.path.exists(path):
     return {}
@@ -105,7 +129,7 @@ def _recorded_checksums(step_dir: str, under: str = "") -> dict:
 
 def _check_crc(file: str, got: str, written: str) -> None:
   if got != written:
-    raise CheckpointCorrupt(f"{file} has changed since it was written (CRC32 {got}, "
+    raise CheckpointCorrupt(f"{file} has changed since it was written (checksum {got}, "
                             f"written {written}): bit rot or an overwrite")
 
 
@@ -435,8 +459,8 @@ def read_params(path: str, step: Optional[int] = None, out: Any = None) -> Any:
   """The `params` item (see `params_item_dir`) as host NumPy arrays in their stored dtypes.
 
   No abstract tree needed: what averages or inspects checkpoints of any model reads this.
-  Every file of the item is checked against its CRC32 (inside a step). An array stored raw in
-  one file (how `Checkpointer` writes `params`) is read straight into its host array, its CRC32
+  Every file of the item is checked against its checksum (inside a step). An array stored raw in
+  one file (how `Checkpointer` writes `params`) is read straight into its host array, its checksum
   taken from the bytes just read (one pass over the file); others (older, zstd checkpoints)
   go through TensorStore while a thread checks their files. `out`: a tree returned by an earlier
   `read_params` of the same model (same parameters, shapes and dtypes), read into in place and
@@ -465,7 +489,7 @@ _PIECE = 1 << 20  # bytes read, then checksummed while they are still in the cac
 
 def _read_item(item: str, out: Any, sums: dict) -> Any:
   """The arrays of a `params` item into `out`'s leaves or new arrays, checked against `sums`
-  ({file: CRC32}); items with other leaves (Python scalars) or containers (lists) go through
+  ({file: checksum}); items with other leaves (Python scalars) or containers (lists) go through
   Orbax's own restore."""
   with open(os.path.join(item, "_METADATA")) as f:
     stored = json.load(f)
@@ -484,10 +508,11 @@ def _read_item(item: str, out: Any, sums: dict) -> Any:
   buffers = _buffers(out, {p: (tuple(s.shape), np.dtype(s.dtype.numpy_dtype)) for p, s in stores.items()}, item)
   raw = {p: _raw_file(s) for p, s in stores.items()}
   raw = {p: file for p, file in raw.items() if file and os.path.getsize(file) == buffers[p].nbytes}
-  with ThreadPoolExecutor(1) as pool:  # the files TensorStore reads are checked meanwhile
+  with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as checksums:
+    # the files TensorStore reads are checked meanwhile
     check = pool.submit(_check_files, {f: crc for f, crc in sums.items() if f not in raw.values()})
     for p, file in raw.items():
-      _read_raw(file, buffers[p], sums.get(file))
+      _read_raw(file, buffers[p], sums.get(file), checksums)
     _read_windowed([(s, buffers[p]) for p, s in stores.items() if p not in raw])
     check.result()
   return traverse_util.unflatten_dict({key: buffers["/".join(key)] for key in keys})
@@ -507,19 +532,23 @@ def _raw_file(store: ts.TensorStore) -> Optional[str]:
   return file if os.path.isfile(file) else None
 
 
-def _read_raw(file: str, array: np.ndarray, crc: Optional[str]) -> None:
-  """`file`'s bytes into `array` in pieces, each checksummed right after it is read."""
+def _read_raw(file: str, array: np.ndarray, crc: Optional[str], pool: ThreadPoolExecutor) -> None:
+  """`file`'s bytes into `array` in pieces, each checksummed on `pool`'s thread while the
+  next is read (the kernel's copy runs without the GIL, so the two overlap)."""
   view = memoryview(array.reshape(-1).view(np.uint8))
-  got = 0
+  got, pending = _Checksum(crc or ""), None
   with open(file, "rb", buffering=0) as f:
     for start in range(0, len(view), _PIECE):
       piece = view[start:start + _PIECE]
       if f.readinto(piece) != len(piece):
         raise CheckpointCorrupt(f"{file} is shorter than when it was written")
       if crc is not None:
-        got = zlib.crc32(piece, got)
-  if crc is not None:
-    _check_crc(file, f"{got:08x}", crc)
+        if pending is not None:
+          pending.result()  # in order: one piece at a time
+        pending = pool.submit(got.update, piece)
+  if pending is not None:
+    pending.result()
+    _check_crc(file, got.hex(), crc)
 
 
 # TensorStore reads into buffers of its own, which its threads' malloc arenas keep: this many
