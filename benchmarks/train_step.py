@@ -71,7 +71,8 @@ def train_config(size: str, args):
   """A train config for preset `size`: float32, every parameter trained, constant lr, no decay."""
   c = default_config()
   c.model = models.preset(size)
-  c.model.text.update(dict(dtype="float32", param_dtype="float32", scan_layers=args.scan, remat=args.remat))
+  c.model.text.update(dict(dtype="float32", param_dtype="float32", scan_layers=args.scan,
+                           remat="full" if args.remat else "none"))
   c.model.vision.update(dict(dtype="float32", param_dtype="float32"))
   c.total_steps = 1_000_000
   c.mesh = dict(data=1, fsdp=1, tensor=1)

@@ -75,6 +75,7 @@ if __name__ == "__main__":
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import time  # noqa: E402
 from typing import NamedTuple, Optional  # noqa: E402
@@ -157,6 +158,18 @@ def abstract_batch(config, model, sharding):
   return batch
 
 
+def target_mesh(devices):
+  """The model is initialised (abstractly) before the step's mesh exists: under a mesh of the
+  target devices it traces for their platform, so a TPU kernel (attention="splash") knows it is
+  compiled for a TPU, not run on this CPU. A no-op for the visible devices."""
+  import jax
+  import numpy as np
+  if devices is None:
+    return contextlib.nullcontext()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def compile_step(config, devices=None):
   """(step_setup, compiled step, seconds to build, lower, compile) for `devices` (default: all visible)."""
   import flax.linen as nn
@@ -168,7 +181,8 @@ def compile_step(config, devices=None):
   from vlm_jax.train.step import TrainState
 
   t0 = time.perf_counter()
-  s = step_setup(config, devices=devices)
+  with target_mesh(devices):
+    s = step_setup(config, devices=devices)
   rep = s.shardings.step
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
                      abstract_like(s.abstract_params, s.param_shardings),
@@ -273,6 +287,8 @@ def simulate(config, hbm_gib: float = 80.0, exact_flops: bool = True, devices=No
   tokens = int(config.data.global_batch_size) * int(config.data.seq_len)
   hbm_bytes = hbm_gib * GiB
   platform = s.mesh.devices.flat[0].platform
+  # Mosaic custom calls: the Pallas TPU kernels (attention="splash") the step really runs
+  kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"') if platform == "tpu" else 0
   return dict(
       devices=n, mesh={k: int(v) for k, v in s.mesh.shape.items()}, model_kind=type(s.model).__name__,
       slices=int(config.mesh.get("dcn_data", 1)), platform=platform,
@@ -288,7 +304,7 @@ def simulate(config, hbm_gib: float = 80.0, exact_flops: bool = True, devices=No
       # A loop body counted once would make the roofline a fraction of the real step: no estimate then.
       roofline=roofline(flops, bytes_accessed, chip, 6.0 * trainable * tokens / n)
       if chip and (extrapolate or not loops) else None,
-      build_s=t_build, lower_s=t_lower, compile_s=t_compile, flops_s=t_flops)
+      pallas_kernels=kernels, build_s=t_build, lower_s=t_lower, compile_s=t_compile, flops_s=t_flops)
 
 
 def refusal(message: str, hbm_gib: float) -> dict:
@@ -347,6 +363,8 @@ def table(r: dict, config_name: str, wall_s: float) -> str:
         if r["flops_extrapolated"] else []),
       ("  6·N·tokens", f"{r['flops_6nd']:.4g}   (N = trainable parameters; no attention, no remat)"),
       ("bytes accessed", f"{r['bytes_per_device']:.4g} per device   (XLA cost analysis)"),
+      *([("Pallas kernels", f"{r['pallas_kernels']} Mosaic calls in the step (splash attention, forward and "
+                            "backward)")] if r["pallas_kernels"] else []),
       *(_roofline_rows(r["roofline"]) if r["roofline"] else
         [("roofline (estimate)", "none: a scanned loop counted once (drop --noexact_flops)")]
         if r["platform"] == "tpu" else []),

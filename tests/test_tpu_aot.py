@@ -201,3 +201,18 @@ def test_config_slices_must_agree_with_num_slices():
       with pytest.raises(ValueError, match="config.mesh.dcn_data=4 but --num_slices=2"):
         simulate.with_slices(config, 2)
   """)
+
+
+@needs_libtpu
+def test_splash_attention_compiles_for_v5e_2x2():
+  """Both towers on the Pallas kernel, under shard_map over the 4 chips' batch shards."""
+  out = simulate("--topology=v5e:2x2", "--config.model.text.attention=splash",
+                 "--config.model.vision.attention=splash")
+  # 2 LM + 2 ViT layers (the tiny VLM reads the last ViT layer), each a forward kernel and the
+  # backward's dq and dkv kernels; the ViT's 17 tokens run padded to one 128-token tile.
+  m = re.search(r"^\s+Pallas kernels\s+(\d+) Mosaic calls", out, re.M)
+  assert m and int(m.group(1)) == 4 * 3, out
+  params, row = tiny_sizes()
+  assert 12 * params + 2 * row <= size_of("arguments", out) + 0.05 * MiB  # the same state as with "xla"
+  assert size_of("temporaries", out) > 0.1 * MiB
+  assert re.search(r"^\s+fits\s+yes: peak [\d.]+ GiB of 16 GiB per device", out, re.M), out

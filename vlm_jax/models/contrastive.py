@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.models.attention import check_attention
+from vlm_jax.models.attention import STRUCTURED, Segments, check_attention
 from vlm_jax.models.layers import EncoderBlock, LayerNorm, Linear, constrain
 from vlm_jax.models.vit import ViTConfig, VisionTower
 
@@ -83,9 +83,12 @@ class TextTower(nn.Module):
     x = tok(input_ids).astype(kw["dtype"]) + pos[:l].astype(kw["dtype"])[None]
     x = constrain(x, ("batch", "length", "embed"))
     keys = jnp.ones((b, l), bool) if attention_mask is None else attention_mask.astype(bool)
-    mask = jnp.broadcast_to(keys[:, None, :], (b, l, l))
-    if c.style == "clip":
-      mask = mask & jnp.tril(jnp.ones((l, l), bool))[None]
+    if c.attention in STRUCTURED:  # a kernel takes the structure, never [b, l, l]
+      mask = Segments.of(keys, causal=c.style == "clip")
+    else:
+      mask = jnp.broadcast_to(keys[:, None, :], (b, l, l))
+      if c.style == "clip":
+        mask = mask & jnp.tril(jnp.ones((l, l), bool))[None]
     for i in range(c.depth):
       x = EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, c.attention, name=f"layers_{i}", **kw)(x, mask)
     x = LayerNorm(c.norm_eps, name="final_norm", **kw)(x)

@@ -6,15 +6,16 @@ returned, so decoding stays a pure function that jits and shards like training.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.attention import attention, check_attention, xla_attention
+from vlm_jax.models.attention import STRUCTURED, Segments, attention, check_attention, xla_attention
 from vlm_jax.models.layers import Linear, RMSNorm, apply_rope, constrain
+from vlm_jax.models.remat import remat_policy, rematerialised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +34,15 @@ class LMConfig:
   tie_embeddings: bool = False
   max_position: int = 4096
   scan_layers: bool = False
-  remat: bool = False
+  remat: Union[str, bool] = "none"  # what a layer keeps for the backward pass: see vlm_jax.models.remat
   attention: str = "xla"  # the kernel, not the numbers: see vlm_jax.models.attention
+  # Compute dtype (activations, matmuls); parameters (and so the optimiser state) stay `param_dtype`.
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
     check_attention(self.attention)
+    object.__setattr__(self, "remat", remat_policy(self.remat))
 
 
 @flax.struct.dataclass
@@ -88,6 +91,7 @@ class DecoderBlock(nn.Module):
   slots, d]` with a leading layer axis when `layer` is an int (the new keys
   are written into that layer of the full cache in place), or without one
   when `layer` is None (scan hands each layer its own slice).
+  mask: [b, l, slots] bool, or `Segments` for a kernel that takes the structure.
   """
   config: LMConfig
 
@@ -148,9 +152,7 @@ class DecoderLM(nn.Module):
         c.vocab_size, c.embed_dim, param_dtype=jnp.dtype(c.param_dtype),
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         name="embed")
-    block = DecoderBlock
-    if c.remat:
-      block = nn.remat(block, prevent_cse=not c.scan_layers, static_argnums=())
+    block = rematerialised(DecoderBlock, c.remat, scanned=c.scan_layers)
     if c.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -202,7 +204,10 @@ class DecoderLM(nn.Module):
       key_slots = jnp.arange(cache.key_mask.shape[1])
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packing) are for training, not for decoding with a cache")
-    mask = attention_mask_matrix(key_mask, query_slots, key_slots, segment_ids)
+    if cache is None and c.attention in STRUCTURED:  # a kernel takes the structure, never [b, l, l]
+      mask = Segments.of(attention_mask, segment_ids, causal=True)
+    else:
+      mask = attention_mask_matrix(key_mask, query_slots, key_slots, segment_ids)
 
     if c.scan_layers:
       xs = None if cache is None else (cache.k, cache.v, None)

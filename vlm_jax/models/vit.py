@@ -6,7 +6,7 @@ post-LayerNorm on all tokens and an optional attention-pooling head.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import flax
 import flax.linen as nn
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from vlm_jax.models.attention import attention, check_attention
 from vlm_jax.models.layers import MLP, EncoderBlock, LayerNorm, Linear, activation, constrain
+from vlm_jax.models.remat import remat_policy, rematerialised
 
 
 POOLS = ("default", "mean_max")
@@ -43,6 +44,8 @@ class ViTConfig:
   # patch token gets a gradient. Not in any Hugging Face tower.
   pool: str = "default"
   attention: str = "xla"  # the kernel, not the numbers: see vlm_jax.models.attention
+  remat: Union[str, bool] = "none"  # what a block keeps for the backward pass: see vlm_jax.models.remat
+  # Compute dtype (activations, matmuls); parameters (and so the optimiser state) stay `param_dtype`.
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -54,6 +57,7 @@ class ViTConfig:
     if self.pool not in POOLS:
       raise ValueError(f"ViTConfig.pool must be one of {POOLS}, got {self.pool!r}")
     check_attention(self.attention)
+    object.__setattr__(self, "remat", remat_policy(self.remat))
     object.__setattr__(self, "stem", tuple(int(ch) for ch in self.stem))  # hashable; configs give lists
     if self.patch_size % self.stem_stride:
       raise ValueError(f"patch_size {self.patch_size} is not divisible by the stem's total stride "
@@ -116,9 +120,10 @@ class AttentionPoolingHead(nn.Module):
 
 
 def encoder_block(c: ViTConfig, name: Optional[str] = None) -> EncoderBlock:
-  """Block `i` of the tower (also run on its own by layer-wise calibration)."""
-  return EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, c.attention, name=name,
-                      dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+  """Block `i` of the tower, rematerialised by `c.remat` (also run on its own by layer-wise calibration)."""
+  block = rematerialised(EncoderBlock, c.remat, scanned=False)
+  return block(c.num_heads, c.mlp_dim, c.act, c.norm_eps, c.attention, name=name,
+               dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
 
 
 class VisionTower(nn.Module):
