@@ -106,7 +106,9 @@ GiB = 1024 ** 3
 
 
 class Chip(NamedTuple):
-  """A TPU generation's published per-chip figures (Cloud TPU system-architecture pages)."""
+  """A TPU generation's published per-chip figures, as the Cloud TPU system-architecture pages
+  (docs.cloud.google.com/tpu/docs/v4, v5e, v5p, v6e) give them; their "GB" of HBM capacity is
+  taken as GiB, as the compiler's own limit (15.75 GiB usable of v5e's 16) shows."""
   kind: str  # jax's device_kind
   peak_flops: float  # bf16 FLOP/s
   hbm_gib: float
@@ -118,7 +120,7 @@ CHIPS = {
     "v4": Chip("TPU v4", 275e12, 32, 1.2e12, "megacore"),
     "v5e": Chip("TPU v5 lite", 197e12, 16, 819e9, "default"),
     "v5p": Chip("TPU v5", 459e12, 95, 2.765e12, "default"),
-    "v6e": Chip("TPU v6 lite", 918e12, 32, 1.64e12, "default"),
+    "v6e": Chip("TPU v6 lite", 918e12, 32, 1.638e12, "default"),
 }
 
 
