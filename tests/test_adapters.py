@@ -394,3 +394,36 @@ def test_extraction_sharded_over_two_devices_matches_one():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_argmax_equals_breaks_ties_as_argmax():
+  r = np.random.default_rng(0)
+  logits = r.integers(0, 3, size=(500, 6)).astype(np.float32)  # many ties
+  y = r.integers(0, 6, size=500)
+  np.testing.assert_array_equal(np.asarray(search_lib.argmax_equals(logits, y)), np.argmax(logits, -1) == y)
+
+
+@pytest.mark.parametrize("negative", [True, False])
+def test_search_equals_a_brute_force_vmapped_search(negative):
+  import jax.numpy as jnp
+  s = sample_shots(synthetic_features(C=5, D=16, seed=5), k=4, seed=0)
+  arrays = dual_adapter.base_arrays(s) if negative else tip_adapter.base_arrays(s)
+  grid = search_lib.Grid(alpha=(0.1, 5.0, 7), beta=(0.5, 7.0, 6), lam=(0.0, 1.0, 5))
+  found = search_lib.search(arrays, s.validation, grid, negative=negative)
+  lams = grid.values("lam") if negative else np.ones(1, np.float32)
+  b, a, l = (g.ravel() for g in np.meshgrid(grid.values("beta"), grid.values("alpha"), lams, indexing="ij"))
+  x = jnp.asarray(s.validation.x)
+
+  def acc(alpha, beta, lam):  # the fused logits of each grid point, from scratch
+    if negative:
+      names = ("w_pos", "w_neg", "keys", "neg_keys", "pos_labels", "neg_labels")
+      z = L.dual_logits(x, *(arrays[n] for n in names), alpha, beta, lam)
+    else:
+      z = L.tip_logits(x, arrays["w_pos"], arrays["keys"], arrays["pos_labels"], alpha, beta)
+    return jnp.mean(jnp.argmax(z, -1) == s.validation.y)
+  accs = np.asarray(jax.vmap(acc)(a, b, l))
+  i = int(np.argmax(accs))  # the first best in (β, α, λ) order, as the search breaks ties
+  assert found["accuracy"] == pytest.approx(float(accs[i]), abs=1e-6)
+  assert (found["alpha"], found["beta"]) == (a[i], b[i])
+  assert found.get("lam", 1.0) == l[i]
+  assert found["grid"] == accs.size

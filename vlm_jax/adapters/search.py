@@ -1,9 +1,10 @@
 """Hyper-parameter search (α, β, λ) on a VALIDATION split, vectorised over the grid.
 
-For one β the four logit terms of `logits.dual_parts` are computed once; α and λ then act
+The β-free terms (the text logits and the f·Fᵀ affinities, the only matmuls) are computed once;
+for one β the cache terms of `logits.dual_parts` are then one exp and a vote each; α and λ act
 linearly, so every (α, λ) pair is a `vmap` over cheap [N, C] combinations, and the β axis is a
-`lax.map` over `vmap`ped chunks (bounded memory). Tip-Adapter is the same search with λ = 1 and
-no negative path. Ties go to the first grid point in (β, α, λ) order.
+`lax.map` (one β's [nα, nλ, N, C] at a time: bounded memory). Tip-Adapter is the same search
+with λ = 1 and no negative path. Ties go to the first grid point in (β, α, λ) order.
 
 `search` takes a `Split` and refuses one whose name is not the validation split's: the fitting
 code holds only `Shots` (which carry the validation split and nothing else), and this check
@@ -49,21 +50,34 @@ def _check(split: Split) -> None:
     raise ValueError(f"the hyper-parameter search reads the {VALIDATION!r} split only, not {split.name!r}")
 
 
+def argmax_equals(logits, y):
+  """argmax(logits, -1) == y, as argmax breaks ties (the first maximum), without the argmax: XLA's
+  CPU argmax is a scalar (value, index) reduction, while this is one vectorised boolean `any`."""
+  target = jnp.take_along_axis(logits, y[:, None], axis=-1)
+  earlier = jnp.arange(logits.shape[-1]) < y[:, None]
+  return ~jnp.any(jnp.where(earlier, logits >= target, logits > target), axis=-1)
+
+
 @partial(jax.jit, static_argnames=("negative",))
 def _accuracies(arrays, x, y, betas, alphas, lams, text_scale, neg_scale, negative):
+  # β-free terms once: the text logits and the f·Fᵀ affinities (the search's only matmuls)
+  text_pos = text_scale * x @ arrays["w_pos"].T
+  aff_pos = L.cache_affinity(x, arrays["keys"])
+  if negative:
+    text_neg = neg_scale * (1.0 - x @ arrays["w_neg"].T)
+    aff_neg = L.cache_affinity(x, arrays["neg_keys"])
+
   def per_beta(beta):
+    cache_pos = L.cache_vote(jnp.exp(-beta * (1.0 - aff_pos)), arrays["pos_labels"])
     if negative:
-      parts = L.dual_parts(x, arrays["w_pos"], arrays["w_neg"], arrays["keys"], arrays["neg_keys"],
-                           arrays["pos_labels"], arrays["neg_labels"], beta, text_scale, neg_scale)
+      parts = (text_pos, cache_pos, text_neg, L.cache_vote(jnp.exp(-beta * aff_neg), arrays["neg_labels"]))
     else:
-      text = text_scale * x @ arrays["w_pos"].T
-      cache = L.cache_vote(jnp.exp(-beta * (1.0 - L.cache_affinity(x, arrays["keys"]))), arrays["pos_labels"])
-      parts = (text, cache, jnp.zeros_like(text), jnp.zeros_like(text))
+      parts = (text_pos, cache_pos, jnp.zeros_like(text_pos), jnp.zeros_like(text_pos))
 
     def acc(alpha, lam):
-      return jnp.mean(jnp.argmax(L.combine(parts, alpha, lam), axis=-1) == y)
+      return jnp.mean(argmax_equals(L.combine(parts, alpha, lam), y))
     return jax.vmap(jax.vmap(acc, (None, 0)), (0, None))(alphas, lams)  # [nα, nλ]
-  return jax.lax.map(per_beta, betas, batch_size=4)  # [nβ, nα, nλ]
+  return jax.lax.map(per_beta, betas)  # [nβ, nα, nλ]
 
 
 def search(arrays: dict, validation: Split, grid: Grid = Grid(), *, negative: bool,

@@ -80,17 +80,27 @@ def train(kind: str, base: dict, hparams: dict, shots: Shots, groups: dict, reno
 
   base = {name: jnp.asarray(a, jnp.float32) for name, a in base.items()}
   residual = {name: jnp.zeros_like(base[name]) for name in groups}
-  tx = optax.multi_transform(
-      {g: optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), eps=config.eps,
-                      weight_decay=config.weight_decay) for g, lr in lrs.items()},
-      {name: groups[name] for name in residual})
+  settings = (tuple(sorted(lrs.items())), tuple(sorted(groups.items())), max(steps, 1), config.eps,
+              config.weight_decay)
   hp = {name: float(val) for name, val in hparams.items()}
-  losses, residual = _run(kind, base, hp, residual, x, y, order, tx, renormalise, float(config.consistency))
+  losses, residual = _run(kind, base, hp, residual, x, y, order, settings, renormalise,
+                          float(config.consistency))
   return {n: np.asarray(a) for n, a in effective_arrays(base, residual, renormalise).items()}, np.asarray(losses)
 
 
-@partial(jax.jit, static_argnames=("kind", "tx", "renormalise", "consistency"))
-def _run(kind, base, hparams, residual, x, y, order, tx, renormalise, consistency):
+def _optimiser(lrs, groups, steps, eps, weight_decay) -> optax.GradientTransformation:
+  """AdamW + cosine per group, built from hashable settings: `_run` takes these (not the optax
+  object, new at every call) as its static argument, so a second fit of the same shapes reuses
+  the compiled scan."""
+  return optax.multi_transform(
+      {g: optax.adamw(optax.cosine_decay_schedule(lr, steps), eps=eps, weight_decay=weight_decay)
+       for g, lr in lrs}, dict(groups))
+
+
+@partial(jax.jit, static_argnames=("kind", "settings", "renormalise", "consistency"))
+def _run(kind, base, hparams, residual, x, y, order, settings, renormalise, consistency):
+  tx = _optimiser(*settings)
+
   def loss_fn(res, idx):
     arrays = effective(base, res, renormalise)
     logits = adapter_lib.apply(kind, arrays, hparams, x[idx])
