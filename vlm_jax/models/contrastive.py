@@ -145,6 +145,22 @@ class ContrastiveModel(nn.Module):
       logits = logits + bias
     return ContrastiveOutput(img, txt, logits, self.logit_scale, bias)
 
+  def train_loss(self, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """CLIP's softmax or SigLIP's sigmoid loss over a pipeline batch of image–caption pairs
+    (row i: its first image slot with its caption; every other row is a negative, so the
+    batch is never split into microbatches).
+
+    Metrics: `accuracy` (top-1 retrieval, text -> image and image -> text averaged) and
+    `temperature` (the learned logit scale, exp(t)).
+    """
+    del rng  # the objective is deterministic
+    out = self(batch["images"][:, 0], batch["input_ids"], batch["attention_mask"])
+    logits = out.logits_per_text
+    loss = (siglip_loss if self.config.style == "siglip" else clip_loss)(logits)
+    pairs = jnp.arange(logits.shape[0])
+    accuracy = (jnp.mean(jnp.argmax(logits, axis=1) == pairs) + jnp.mean(jnp.argmax(logits, axis=0) == pairs)) / 2
+    return loss, {"accuracy": accuracy, "temperature": jnp.exp(out.logit_scale)}
+
 
 def clip_loss(logits_per_text: jax.Array) -> jax.Array:
   """Symmetric softmax cross-entropy; pair i of the batch is text i with image i."""

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.models.contrastive import ContrastiveModel, clip_loss, siglip_loss
 from vlm_jax.models.vlm import VLM
 from vlm_jax.train import optim as optim_lib
 from vlm_jax.train.extension import PLAIN, TrainExtension
@@ -108,21 +107,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
 
   `labels` (from `optim.path_labels`) fix what trains; `extension` is how a technique
   changes the objective (see `vlm_jax.train.extension`; `inputs` are its step inputs).
-  A `ContrastiveModel` gets its own objective (`make_contrastive_step`), so does a model
-  that defines `train_loss` (`make_objective_step`); every other model the next-token loss.
+  A model that defines `train_loss` (a two-tower model's CLIP/SigLIP loss, the VQ
+  tokenizer's, the code generator's) trains on it (`make_objective_step`); every other
+  model on the next-token loss.
   `loss_chunk` > 0 computes that loss `loss_chunk` positions at a time from the hidden
   states (`chunked_loss_sums`: same sums, no whole-batch logits). An extension with a
   `loss` hook is handed the full logits, so with one the step keeps the full-logits path.
   """
-  if isinstance(model, ContrastiveModel):
-    if extension is not PLAIN or grad_accum != 1:
-      raise ValueError("a contrastive model trains on whole batches (in-batch negatives): "
-                       "no grad_accum, no train extension")
-    return make_contrastive_step(model, tx, labels, lr_schedule)
   if has_own_objective(model):
     if extension is not PLAIN or grad_accum != 1 or loss_chunk or z_loss:
-      raise ValueError(f"{type(model).__name__} trains on its own train_loss: no grad_accum, no train "
-                       f"extension, no loss_chunk or z_loss (those shape the next-token loss)")
+      raise ValueError(f"{type(model).__name__} trains on its own train_loss over whole batches (a "
+                       f"contrastive loss's negatives are the batch's other rows): no grad_accum, no "
+                       f"train extension, no loss_chunk or z_loss (those shape the next-token loss)")
     return make_objective_step(model, tx, labels, lr_schedule)
   student = extension.student or (lambda params, inputs: params)
   project = extension.project or (lambda tree, inputs: tree)
@@ -183,40 +179,6 @@ def _apply_gradients(state: TrainState, tx: optax.GradientTransformation, lr_sch
              "lr": lr_schedule(state.step)}
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
   return TrainState(state.step + 1, params, opt_state, rng), metrics
-
-
-def contrastive_batch(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """A pipeline batch of image–caption pairs (one image slot, no image tokens) ->
-  (images [B, H, W, 3], caption ids [B, L], attention mask [B, L]); row i pairs image i with text i."""
-  return batch["images"][:, 0], batch["input_ids"], batch["attention_mask"]
-
-
-def make_contrastive_step(model: ContrastiveModel, tx: optax.GradientTransformation, labels: dict,
-                          lr_schedule: Callable):
-  """The step of a two-tower model: CLIP's softmax or SigLIP's sigmoid loss over the
-  batch's pairs (every other row is a negative, so the batch is not split into microbatches).
-
-  Metrics: `loss`, `accuracy` (top-1 retrieval, text -> image and image -> text averaged)
-  and `temperature` (the learned logit scale, exp(t)).
-  """
-  loss_of = siglip_loss if model.config.style == "siglip" else clip_loss
-
-  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    trainable, frozen = optim_lib.split(state.params, labels)
-    images, ids, mask = contrastive_batch(batch)
-
-    def loss_fn(train_params):
-      out = model.apply({"params": optim_lib.merge(train_params, frozen)}, images, ids, mask)
-      return loss_of(out.logits_per_text), out
-
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    logits = out.logits_per_text
-    pairs = jnp.arange(logits.shape[0])
-    accuracy = (jnp.mean(jnp.argmax(logits, axis=1) == pairs) + jnp.mean(jnp.argmax(logits, axis=0) == pairs)) / 2
-    metrics = {"loss": loss, "accuracy": accuracy, "temperature": jnp.exp(out.logit_scale)}
-    return _apply_gradients(state, tx, lr_schedule, trainable, frozen, grads, metrics)
-
-  return step_fn
 
 
 def has_own_objective(model: nn.Module) -> bool:
