@@ -4,6 +4,11 @@ r"""Scale by simulation: compile a config's train step for N devices on this CPU
     python -m launch.simulate --config=configs/tiny_train.py --devices=8 --config.mesh.fsdp=2
     python -m launch.simulate --config=configs/llava15_7b_stage1.py --topology=v5e:8x8   # needs .[tpu]
     python -m launch.simulate --config=configs/tiny_train.py --topology=v5e:2x2 --num_slices=2
+    python -m launch.simulate --config=configs/llava15_7b_stage1.py --topology=v5e:8x8 --function=generate
+
+`--function=score|generate` compiles perplexity scoring (the `score` job's forward and per-record
+NLL) or generation (prefill, then `--new_tokens` KV-cache decoding steps) instead of the train
+step, with the same parameters, shardings and global batch (the prompt: `data.seq_len` tokens).
 
 `--topology` (v4, v5e, v5p, v6e names: `v5e:16x16`, `v5p:4x4x4`, `v4:2x2x4`) compiles
 for a real TPU slice with the TPU compiler itself, on this CPU: libtpu (the `tpu`
@@ -83,6 +88,13 @@ from typing import NamedTuple, Optional  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+# --function -> (what the arguments, outputs and temporaries hold)
+FUNCTIONS = {
+    "train": ("train state + batch shards", "new train state + metrics", "activations, gradients, collectives"),
+    "score": ("parameters + batch shards", "per-record NLL sums and token counts", "activations, logits"),
+    "generate": ("parameters + prompt shards", "new tokens", "KV cache, activations, logits"),
+}
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Train config file[:args] to simulate.",
                                           lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", 8, "Number of (virtual CPU) devices to compile for; the "
@@ -100,6 +112,11 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice to compile for wi
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "This many slices over DCN (with --topology: copies "
                                    "of the slice; on CPU: consecutive blocks of --devices); the mesh gets "
                                    "dcn_data = num_slices.")
+_FUNCTION = flags.DEFINE_enum("function", "train", list(FUNCTIONS), "What to compile: the train step (default), "
+                              "perplexity scoring (forward + per-record NLL, as the `score` job) or "
+                              "generation (prefill + KV-cache decoding of --new_tokens, as `generate`), "
+                              "each on the config's global batch and sequence length.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens to decode after the prompt (--function=generate).")
 flags.mark_flags_as_required(["config"])
 
 GiB = 1024 ** 3
@@ -172,8 +189,10 @@ def target_mesh(devices):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
-def compile_step(config, devices=None):
-  """(step_setup, compiled step, seconds to build, lower, compile) for `devices` (default: all visible)."""
+def compile_step(config, devices=None, function: str = "train", new_tokens: int = 32):
+  """(step_setup, compiled function, seconds to build, lower, compile) for `devices` (default: all
+  visible). `function`: the train step, or scoring / generation (see `FUNCTIONS`) with the same
+  parameters, shardings and batch."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -182,20 +201,33 @@ def compile_step(config, devices=None):
   from vlm_jax.train.setup import step_setup
   from vlm_jax.train.step import TrainState
 
+  if function not in FUNCTIONS:
+    raise ValueError(f"function={function!r}: choose one of {sorted(FUNCTIONS)}")
   t0 = time.perf_counter()
   with target_mesh(devices):
     s = step_setup(config, devices=devices)
   rep = s.shardings.step
-  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                     abstract_like(s.abstract_params, s.param_shardings),
-                     abstract_like(s.abstract_opt, s.shardings.opt_state),
-                     jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.shardings.rng))
+  params = abstract_like(s.abstract_params, s.param_shardings)
   batch = abstract_batch(config, s.model, s.batch_sharding)
+  if function == "train":
+    fn = s.step
+    args = (TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params,
+                       abstract_like(s.abstract_opt, s.shardings.opt_state),
+                       jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=s.shardings.rng)), batch)
+  elif function == "score":
+    from vlm_jax.curation.perplexity import make_score_fn
+    fn, args = jax.jit(make_score_fn(s.model)), (params, batch)
+  else:
+    from vlm_jax.models.generate import generate_fn
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    fn = generate_fn(s.model, new_tokens)
+    args = (params, batch["input_ids"], batch["attention_mask"], batch.get("images"), None,
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
   t_build = time.perf_counter() - t0
 
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     t0 = time.perf_counter()
-    lowered = s.step.lower(state, batch)
+    lowered = fn.lower(*args)
     t_lower = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
@@ -252,25 +284,28 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip, model_flops: float
 
 
 def simulate(config, hbm_gib: float = 80.0, exact_flops: bool = True, devices=None,
-             chip: Optional[Chip] = None) -> dict:
-  """Compiles `config`'s train step for `devices` (default: all visible); returns the numbers of the
-  table. `chip`: the TPU the devices describe, for the roofline estimate."""
+             chip: Optional[Chip] = None, function: str = "train", new_tokens: int = 32) -> dict:
+  """Compiles `config`'s train step (or `function`, see `FUNCTIONS`) for `devices` (default: all
+  visible); returns the numbers of the table. `chip`: the TPU the devices describe, for the
+  roofline estimate (of the train step)."""
   import jax
   from flax import traverse_util
 
   from vlm_jax.train.optim import FROZEN
 
   try:
-    s, compiled, (t_build, t_lower, t_compile) = compile_step(config, devices)
+    s, compiled, (t_build, t_lower, t_compile) = compile_step(config, devices, function, new_tokens)
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program bigger than the chip
     if "RESOURCE_EXHAUSTED" not in str(e) or chip is None:
       raise
     return refusal(str(e), hbm_gib)
   batch = abstract_batch(config, s.model, s.batch_sharding)
   flops_xla, bytes_xla = xla_cost(compiled)
-  loops = (_lm_block(config) is not None and _lm_block(config).scan_layers) or config.get("grad_accum", 1) > 1
+  train = function == "train"
+  loops = ((_lm_block(config) is not None and _lm_block(config).scan_layers)
+           or (train and config.get("grad_accum", 1) > 1) or function == "generate")
   t0 = time.perf_counter()
-  extrapolate = exact_flops and loops
+  extrapolate = exact_flops and loops and train  # the extrapolation compiles train steps
   flops, bytes_accessed = extrapolated_cost(config, devices) if extrapolate else (flops_xla, bytes_xla)
   t_flops = time.perf_counter() - t0
 
@@ -278,7 +313,8 @@ def simulate(config, hbm_gib: float = 80.0, exact_flops: bool = True, devices=No
   total = sum(int(v.size) for v in flat.values())
   trainable = sum(int(v.size) for k, v in flat.items() if s.labels[k] != FROZEN)
   state_bytes = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(s.abstract_params))
-  state_bytes += sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(s.abstract_opt))
+  if train:  # scoring and generation hold no optimiser state
+    state_bytes += sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(s.abstract_opt))
 
   m = compiled.memory_analysis()
   n = s.mesh.size
@@ -292,6 +328,7 @@ def simulate(config, hbm_gib: float = 80.0, exact_flops: bool = True, devices=No
   # Mosaic custom calls: the Pallas TPU kernels (attention="splash") the step really runs
   kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"') if platform == "tpu" else 0
   return dict(
+      function=function, new_tokens=new_tokens if function == "generate" else 0,
       devices=n, mesh={k: int(v) for k, v in s.mesh.shape.items()}, model_kind=type(s.model).__name__,
       slices=int(config.mesh.get("dcn_data", 1)), platform=platform,
       device_kind=s.mesh.devices.flat[0].device_kind,
@@ -305,7 +342,7 @@ def simulate(config, hbm_gib: float = 80.0, exact_flops: bool = True, devices=No
       flops_extrapolated=extrapolate, flops_6nd=6.0 * trainable * tokens,
       # A loop body counted once would make the roofline a fraction of the real step: no estimate then.
       roofline=roofline(flops, bytes_accessed, chip, 6.0 * trainable * tokens / n)
-      if chip and (extrapolate or not loops) else None,
+      if chip and train and (extrapolate or not loops) else None,
       pallas_kernels=kernels, build_s=t_build, lower_s=t_lower, compile_s=t_compile, flops_s=t_flops)
 
 
@@ -343,32 +380,39 @@ def table(r: dict, config_name: str, wall_s: float) -> str:
   slices = f", {r['slices']} slices over DCN" if r["slices"] > 1 else ""
   where = f"{r['devices']} {r['device_kind']} chips{slices}" if tpu else f"{r['devices']} virtual CPU devices"
   spare = r["hbm_bytes"] - r["peak"]
+  holds, train = FUNCTIONS[r["function"]], r["function"] == "train"
+  counted_once = "   (XLA cost analysis; a scanned or decoding loop's body counted once)"
   rows = [
       ("config", config_name),
       ("model", r["model_kind"]),
       ("parameters", f"{r['params_total']:,} total; {r['params_trainable']:,} trainable; {frozen:,} frozen"),
       ("mesh", f"{mesh}  ({where})"),
-      ("global batch", f"{b} x {l} tokens{images}; {b / r['devices']:g} row(s) per device"),
+      ("global batch", f"{b} x {l} tokens{images}; {b / r['devices']:g} row(s) per device"
+                       + (f"; {r['new_tokens']} new tokens decoded" if r["new_tokens"] else "")),
       ("per-device memory", "(the TPU compiler's buffer assignment)" if tpu else
                             "(XLA:CPU buffer assignment of the SPMD program)"),
-      ("  arguments", gib(r["arguments"]) + "   train state + batch shards"),
-      ("  outputs", gib(r["outputs"]) + "   new train state + metrics"),
-      ("  temporaries", gib(r["temporaries"]) + "   activations, gradients, collectives"),
+      ("  arguments", gib(r["arguments"]) + f"   {holds[0]}"),
+      ("  outputs", gib(r["outputs"]) + f"   {holds[1]}"),
+      ("  temporaries", gib(r["temporaries"]) + f"   {holds[2]}"),
       ("  generated code", gib(r["generated_code"])),
-      ("  alias/donated", gib(r["alias"]) + "   outputs written into the donated state"),
+      *([("  alias/donated", gib(r["alias"]) + "   outputs written into the donated state")] if train else []),
       ("  peak estimate", gib(r["peak"]) + "   arguments + outputs - alias + temporaries + code"),
-      ("  state floor", gib(r["state_bytes"] / r["devices"]) + "   (params + optimiser state) / devices, if fully sharded"),
-      ("FLOPs per step", f"{r['flops_total']:.4g} = {r['flops_per_device']:.4g} per device x {r['devices']}"
-                         + ("   (XLA cost analysis, every layer counted)" if r["flops_extrapolated"] else
-                            "   (XLA cost analysis)")),
+      ("  state floor", gib(r["state_bytes"] / r["devices"]) + ("   (params + optimiser state)" if train else
+                                                               "   params") + " / devices, if fully sharded"),
+      ("FLOPs per call" if not train else "FLOPs per step",
+       f"{r['flops_total']:.4g} = {r['flops_per_device']:.4g} per device x {r['devices']}"
+       + ("   (XLA cost analysis, every layer counted)" if r["flops_extrapolated"] else
+          counted_once if not train else "   (XLA cost analysis)")),
       *([("  XLA as is", f"{r['flops_xla_per_device'] * r['devices']:.4g}   (a scanned loop body counted once)")]
         if r["flops_extrapolated"] else []),
-      ("  6·N·tokens", f"{r['flops_6nd']:.4g}   (N = trainable parameters; no attention, no remat)"),
+      *([("  6·N·tokens", f"{r['flops_6nd']:.4g}   (N = trainable parameters; no attention, no remat)")]
+        if train else []),
       ("bytes accessed", f"{r['bytes_per_device']:.4g} per device   (XLA cost analysis)"),
-      *([("Pallas kernels", f"{r['pallas_kernels']} Mosaic calls in the step (splash attention, forward and "
-                            "backward)")] if r["pallas_kernels"] else []),
+      *([("Pallas kernels", f"{r['pallas_kernels']} Mosaic calls (splash attention"
+                            + (", forward and backward)" if train else ")"))] if r["pallas_kernels"] else []),
       *(_roofline_rows(r["roofline"]) if r["roofline"] else
-        [("roofline (estimate)", "none: a scanned loop counted once (drop --noexact_flops)")]
+        [("roofline (estimate)", "none: a scanned loop counted once (drop --noexact_flops)" if train else
+          "train step only")]
         if r["platform"] == "tpu" else []),
       ("fits", f"{'yes' if r['fits'] else 'does not fit'}: peak {r['peak'] / GiB:.2f} GiB of "
                f"{r['hbm_bytes'] / GiB:g} GiB per device ({100 * r['peak'] / r['hbm_bytes']:.1f}%); "
@@ -416,11 +460,12 @@ def main(argv):
   if _NUM_SLICES.value != 1:
     config = with_slices(config, _NUM_SLICES.value)
   t0 = time.perf_counter()
-  result = simulate(config, hbm_gib, _EXACT_FLOPS.value, devices, chip)
+  result = simulate(config, hbm_gib, _EXACT_FLOPS.value, devices, chip, _FUNCTION.value, _NEW_TOKENS.value)
   config_name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
   what = f"compiled for {_TOPOLOGY.value} by the TPU compiler" if chip else "simulated"
   show = refusal_table if "refused" in result else table
-  print(f"\n{what}: train step\n{show(result, config_name, time.perf_counter() - t0)}", flush=True)
+  name = {"train": "train step", "score": "perplexity scoring", "generate": "generation"}[_FUNCTION.value]
+  print(f"\n{what}: {name}\n{show(result, config_name, time.perf_counter() - t0)}", flush=True)
 
 
 if __name__ == "__main__":

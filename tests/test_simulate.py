@@ -40,6 +40,26 @@ def test_tiny_config_on_8_devices():
   assert re.search(r"^\s+fits\s+yes", out, re.M), out
 
 
+def test_scoring_and_generation_compile_with_the_parameters_alone():
+  """`--function=score|generate`: the arguments are the replicated float32 parameters and one row
+  per device (no optimiser state); generation's temporaries hold at least its KV cache."""
+  from configs import tiny_train
+  c = tiny_train.get_config()
+  t, rows = c.model.text, 8
+  for function in ("score", "generate"):
+    out = simulate("--config=configs/tiny_train.py", "--devices=8", f"--function={function}", "--new_tokens=16",
+                   timeout=120)
+    assert re.search(r"parameters\s+532,096 total", out) and re.search(r"FLOPs per call\s+[\d.]+e\+\d+", out), out
+    row = c.data.seq_len * 4 * (5 if function == "score" else 2) + c.model.vision.image_size ** 2 * 3 * 4
+    # (the table prints 0.1 MiB; the train step holds 12 bytes a parameter, 6.1 MiB)
+    assert size_of("arguments", out) == pytest.approx(4 * 532_096 + row * c.data.global_batch_size / rows,
+                                                      abs=0.06 * 2 ** 20)
+    assert "alias/donated" not in out and "optimiser" not in out
+  cache = 2 * t.num_layers * (c.data.seq_len + 16) * t.num_kv_heads * t.head_dim * 4  # k and v, one row, float32
+  assert size_of("temporaries", out) >= cache
+  assert "16 new tokens decoded" in out
+
+
 @pytest.mark.slow
 def test_llava15_7b_stage1_on_64_devices():
   out = simulate("--config=configs/llava15_7b_stage1.py", "--devices=64", "--hbm_gib=80", timeout=900)

@@ -88,6 +88,19 @@ def test_tiny_config_compiles_for_v5e_2x2():
 
 
 @needs_libtpu
+def test_generation_compiles_for_v5e_2x2_with_its_kv_cache():
+  """`--function=generate` with the TPU compiler: parameters replicated (4 bytes each, no optimiser
+  state), and temporaries that hold at least the two rows' KV cache."""
+  out = simulate("--topology=v5e:2x2", "--function=generate", "--new_tokens=16")
+  assert "compiled for v5e:2x2 by the TPU compiler: generation" in out, out
+  params, _ = tiny_sizes()
+  assert 4 * params <= size_of("arguments", out) < 1.3 * 4 * params
+  t, seq = tiny_train.get_config().model.text, tiny_train.get_config().data.seq_len
+  assert size_of("temporaries", out) >= 2 * 2 * t.num_layers * (seq + 16) * t.num_kv_heads * t.head_dim * 4
+  assert re.search(r"roofline \(estimate\)\s+train step only", out) and re.search(r"^\s+fits\s+yes", out, re.M), out
+
+
+@needs_libtpu
 def test_a_config_too_big_for_the_chip_does_not_fit():
   vocab = 8 * 2 ** 20  # 2 x 8M x 128 embedding + head parameters, replicated with Adam: ~24 GiB per chip
   out = simulate("--topology=v5e:2x2", f"--config.model.text.vocab_size={vocab}")

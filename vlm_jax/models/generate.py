@@ -88,6 +88,17 @@ def _compiled(module_type: type, config, max_new_tokens: int, temperature: float
   return jax.jit(run)
 
 
+def generate_fn(model, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+                eos_token_id: Optional[int] = None, pad_token_id: int = 0):
+  """The jitted function `generate` runs, `(params, input_ids, attention_mask, images, image_embeds,
+  rng) -> [batch, max_new_tokens]`: to lower and compile ahead of time (`launch.simulate
+  --function=generate`) with `jax.ShapeDtypeStruct` arguments."""
+  if not isinstance(model, (DecoderLM, VLM)):
+    raise TypeError(f"generate needs a DecoderLM or a VLM, got {type(model).__name__}")
+  return _compiled(type(model), model.config, max_new_tokens, float(temperature), float(top_p),
+                   eos_token_id, pad_token_id)
+
+
 def generate(model, params, input_ids, *, attention_mask=None, images=None, image_embeds=None,
              max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
              rng: Optional[jax.Array] = None, eos_token_id: Optional[int] = None,
@@ -96,12 +107,9 @@ def generate(model, params, input_ids, *, attention_mask=None, images=None, imag
 
   model: a `DecoderLM` or a `VLM`; images as for `VLM.__call__`.
   """
-  if not isinstance(model, (DecoderLM, VLM)):
-    raise TypeError(f"generate needs a DecoderLM or a VLM, got {type(model).__name__}")
+  fn = generate_fn(model, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
   input_ids = jnp.asarray(input_ids)
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
-  fn = _compiled(type(model), model.config, max_new_tokens, float(temperature), float(top_p),
-                 eos_token_id, pad_token_id)
   rng = jax.random.key(0) if rng is None else rng
   return fn(params, input_ids, jnp.asarray(attention_mask, jnp.int32), images, image_embeds, rng)
