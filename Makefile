@@ -26,11 +26,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m launch.main --config=configs/shapes/vila.py --workdir=workdirs/shapes_vila
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests are compile-bound and
+# XLA compiles on one thread, so two workers on 2 cores finish ~1.7x sooner (each holds up to ~5 GB).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m ""
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
