@@ -18,8 +18,9 @@ differ from the model's is not torn but another run's: that is an error
 Bit rot: once a step is written, `checksums.json` in its directory records the CRC32C of
 every file (a hardware CRC, 2-3x faster than zlib's CRC32 here, which bound verified reads;
 steps written before record zlib's CRC32 and are checked with it); every read (resume,
-`init=checkpoint:`, soups and pruning via `read_params`) verifies the files it reads first, so flipped bytes of the same size are caught
-(`CheckpointCorrupt`) instead of restoring silently wrong values.
+`init=checkpoint:`, soups and pruning via `read_params`) verifies the files it reads first,
+so flipped bytes of the same size are caught (`CheckpointCorrupt`) instead of restoring
+silently wrong values.
 
 A full disk: before each save the free space is checked against what the save will write
 (the newest step's size, else the trees' raw size, +10%), on every process; too little is
@@ -40,10 +41,10 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
+import google_crc32c
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import google_crc32c
 import tensorstore as ts
 from etils import epath
 from flax import traverse_util
