@@ -30,7 +30,7 @@ demo: $(STAMP)
 # XLA compiles on one thread, so two workers on 2 cores finish ~1.7x sooner (each holds up to ~5 GB).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m ""

@@ -94,8 +94,9 @@ def test_data_that_runs_out_stops_with_a_checkpoint_and_says_so(tmp_path, monkey
   assert max(losses(tmp_path)) == 6
 
 
-@pytest.mark.parametrize("signal_name, status", [  # SIGTERM on any other step: test_train
-    ("SIGINT", "interrupted by Ctrl-C"), pytest.param("SIGTERM", "preempted", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("signal_name, status", [  # SIGTERM on any other step: test_train (default run)
+    pytest.param("SIGINT", "interrupted by Ctrl-C", marks=pytest.mark.slow),  # ~20 s each
+    pytest.param("SIGTERM", "preempted", marks=pytest.mark.slow)])
 def test_a_signal_on_a_checkpoint_step_saves_once_and_resumes(straight_run, tmp_path, signal_name, status):
   """Ctrl-C is handled like SIGTERM; a signal right after a checkpoint step (10) does not save it twice,
   and that step's metrics line is written; the same command then finishes as an uninterrupted run."""

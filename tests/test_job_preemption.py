@@ -14,6 +14,7 @@ from vlm_jax.train.checkpoint import save_params
 from vlm_jax.train.loop import RunStopped
 
 
+@pytest.mark.slow  # ~15 s; preemption itself is tested in test_train and test_faults
 def test_a_preempted_repair_merges_nothing_and_the_rerun_merges_the_finished_run(tmp_path):
   model, dense, pruned, masks = _lm_and_masks("2:4")
   masks_dir = str(tmp_path / "prune")

@@ -60,6 +60,7 @@ def straight_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # ~15 s; learning through the loop is also what test_vila's quick main job shows
 def test_loss_falls_on_a_fixed_batch(tmp_path):
   c = config(total_steps=30, **{"data.repeat_first": True, "optim.lr": 3e-3, "optim.warmup_frac": 0.0})
   summary = train(c, str(tmp_path))
