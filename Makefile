@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m launch.main --config=configs/shapes/vila.py --workdir=workdirs/shapes_vila
 
 # Two pytest workers (pytest-xdist), one test file each at a time: most tests are compile-bound and
-# XLA compiles on one thread, so two workers on 2 cores finish ~1.7x sooner (each holds up to ~5 GB).
+# XLA compiles on one thread; on 2 cores ~1.2x sooner idle, ~1.7x under load (each holds up to ~5 GB).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
