@@ -13,8 +13,9 @@ extract  the same N preprocessed 224 px images through the image tower of one ra
          `--repeats`, interleaved. images/s = N / seconds.
 search   synthetic features (C classes, K shots, D = 512, V augmented views each, 10 validation
          images per class): `dual_adapter.fit(shots, train=True)` = training-free search (vmapped
-         grid, 20 β × 20 α × 11 λ), training of the four residuals (20 epochs over V·C·K views,
-         batch 256, AdamW, cosine; one jitted scan), search again; vs the same three steps written
+         grid, 20 β × 20 α × 11 λ), training of the four residuals (20 epochs, each one pass over
+         the C·K shots, each shot through one of its V views drawn afresh, as the reference's
+         re-augmenting loader; batch 256, AdamW, cosine; one jitted scan), search again; vs the same three steps written
          as a PyTorch user would: the reference's search (affinities once, then a Python loop over
          β, α computing the cache logits, λ innermost), a per-batch training loop with
          torch.optim.AdamW and the cosine LR.
@@ -132,13 +133,14 @@ def torch_fit(shots, epochs: int, grid, batch: int = 256):
   res = {n: torch.zeros_like(t, requires_grad=True) for n, t in base.items()}
   opt = torch.optim.AdamW([{"params": [res["w_pos"], res["keys"]], "lr": 1e-4},
                            {"params": [res["w_neg"], res["neg_keys"]], "lr": 5e-4}], weight_decay=0.1)
-  x = f32(shots.views.reshape(-1, d))
-  y = torch.arange(c)[None, :, None].expand(shots.views.shape[0], c, k).reshape(-1)
-  steps = epochs * math.ceil(len(x) / batch)
+  views = f32(shots.views.reshape(shots.views.shape[0], c * k, d))
+  y = torch.arange(c).repeat_interleave(k)
+  steps = epochs * math.ceil(c * k / batch)
   sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
   for _ in range(epochs):
-    perm = torch.randperm(len(x))
-    for i in range(0, len(x), batch):
+    x = views[torch.randint(len(views), (c * k,)), torch.arange(c * k)]  # one view per shot
+    perm = torch.randperm(c * k)
+    for i in range(0, c * k, batch):
       idx = perm[i:i + batch]
       a = {n: norm(base[n] + res[n]) for n in base}
       loss = torch.nn.functional.cross_entropy(logits(x[idx], a, alpha, beta, lam), y[idx])

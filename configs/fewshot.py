@@ -25,7 +25,8 @@ applies later: `vlm_jax.adapters.Adapter.load(path)(features)`).
 Arguments: init (hf:<folder> | checkpoint:<run> | scratch), model ("" for hf:, "shapes_vila" for
 the main job's contrastive stage, "tiny" for a random tiny CLIP), tokenizer (a folder; not for
 hf:), data ("shapes" | "folder:<root>"), shots ("1;2;4;8;16"), seeds ("0;1;2"), noise ("0"; e.g.
-"0;0.2"), methods (";"-separated of vlm_jax.adapters.jobs.METHODS), views, epochs,
+"0;0.2"), methods (";"-separated of vlm_jax.adapters.jobs.METHODS), views, epochs, views_per_epoch (of the
+`views` cached views, how many each shot is seen through per training epoch: 1 as the reference),
 save_format ("npz" | "orbax"), quick.
 """
 
@@ -58,7 +59,8 @@ def _model(name: str):
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, init="", model="", tokenizer="", data="shapes", shots="1;2;4;8;16", seeds="0;1;2",
-                       noise="0", methods="zero_shot;tip;tip_f;dual;dual_f", views=10, epochs=20, save_format="npz",
+                       noise="0", methods="zero_shot;tip;tip_f;dual;dual_f", views=10, epochs=20, views_per_epoch=1,
+                       save_format="npz",
                        quick=False)
   q = a.quick
   c = default_config()
@@ -81,6 +83,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.noise = [float(s) for s in _split(a.noise)]
   c.methods = _split(a.methods)
   c.epochs = 2 if q else a.epochs
+  c.views_per_epoch = a.views_per_epoch
   # Tip-Adapter's ranges; `geometric` lists the ones spaced geometrically (e.g. ["alpha"] for a wide α range)
   c.grid = ml_collections.ConfigDict(dict(alpha=[0.1, 5.0, 20], beta=[0.1, 7.0, 20], lam=[0.0, 1.0, 11],
                                           geometric=[]))

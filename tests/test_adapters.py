@@ -171,9 +171,13 @@ def test_zero_residuals_give_the_training_free_logits_exactly():
 
 
 def test_training_lowers_the_loss_and_the_fits_report_choices():
+  import dataclasses
   feats = synthetic_features()
   s = sample_shots(feats, k=4, seed=0)
-  for fit in (lambda: tip_adapter.fit(s, train=True), lambda: dual_adapter.fit(s, train=True)):
+  # every view every epoch: each step sees the same one batch, so its loss must fall
+  every_view = lambda cfg: dataclasses.replace(cfg, views_per_epoch=s.views.shape[0])
+  for fit in (lambda: tip_adapter.fit(s, train=True, train_config=every_view(tip_adapter.TRAIN)),
+              lambda: dual_adapter.fit(s, train=True, train_config=every_view(dual_adapter.TRAIN))):
     a = fit()
     first, last = a.info["loss_first_last"]
     assert last < first
@@ -181,6 +185,30 @@ def test_training_lowers_the_loss_and_the_fits_report_choices():
   assert "lam" in a.info["search"]
   zs = zero_shot.fit(s)
   assert zs.hparams == {"scale": 100.0}
+
+
+@pytest.mark.parametrize("views_per_epoch", [1, 2, 3])
+def test_an_epoch_is_one_pass_over_the_shots_through_fresh_views(views_per_epoch):
+  """The reference's loader re-augments every shot each epoch: an epoch sees each shot through
+  `views_per_epoch` distinct cached views (index = view·shots + shot), drawn afresh per epoch."""
+  from vlm_jax.adapters.training import TrainConfig, sample_order
+  views, shots, batch = 3, 10, 4
+  cfg = TrainConfig(epochs=6, batch_size=batch, views_per_epoch=views_per_epoch, seed=1)
+  order = sample_order(views, shots, cfg)
+  per_epoch = -(-shots * views_per_epoch // batch)
+  assert order.shape == (6 * per_epoch, batch)
+  picks = []
+  for epoch in order.reshape(6, -1):
+    seen = epoch[:shots * views_per_epoch]  # the rest refills the last batch from the epoch's start
+    np.testing.assert_array_equal(epoch[shots * views_per_epoch:], seen[:len(epoch) - len(seen)])
+    view, shot = np.divmod(seen, shots)
+    np.testing.assert_array_equal(np.bincount(shot, minlength=shots), views_per_epoch)
+    assert len(set(zip(view, shot))) == len(seen)  # distinct views of a shot
+    picks.append(tuple(sorted(zip(shot, view))))
+  if views_per_epoch < views:
+    assert len(set(picks)) > 1  # not the same views every epoch
+  with pytest.raises(ValueError, match="views_per_epoch=4 must be in \\[1, 3\\]"):
+    sample_order(views, shots, TrainConfig(views_per_epoch=4))
 
 
 class _Poison:

@@ -11,7 +11,7 @@ r"""Few-shot adaptation on the shapes world (METHODS §5, issue 17 item 6): job 
 3. zero-shot, Tip-Adapter, Tip-Adapter-F, DualAdapter, DualAdapter-F at `shots` × `seeds`;
    then with `noise` of the shots mislabelled, DualAdapter with and without label refinement;
 4. prints the tables, writes <workdir>/shapes_fewshot.json and <workdir>/accuracy_vs_shots.png.
-Arguments: quick, vision_steps, shots, seeds, noise, views, epochs.
+Arguments: quick, vision_steps, shots, seeds, noise, views, epochs, views_per_epoch.
 """
 
 import ml_collections
@@ -23,7 +23,7 @@ from configs.shapes import vila
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, vision_steps=1000, shots="1;2;4;8;16", seeds="0;1;2", noise=0.2,
-                       views=10, epochs=20)
+                       views=10, epochs=20, views_per_epoch=1)
   q = a.quick
   c = ml_collections.ConfigDict()
   c.job = "shapes_fewshot"
@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.vision_steps = 20 if q else a.vision_steps
   f = fewshot_config.get_config(
       f"shots={'1;2' if q else a.shots},seeds={'0' if q else a.seeds},views={2 if q else a.views},"
-      f"epochs={2 if q else a.epochs},methods=zero_shot;tip;tip_f;dual;dual_f")
+      f"epochs={2 if q else a.epochs},views_per_epoch={a.views_per_epoch},methods=zero_shot;tip;tip_f;dual;dual_f")
   with f.unlocked():
     f.data.train = 24 * 12 if q else 24 * 40
     f.data.validation = 96 if q else 480

@@ -54,16 +54,19 @@ NAMES = {"zero_shot": "zero-shot", "tip": "Tip-Adapter", "tip_f": "Tip-Adapter-F
 
 # ----------------------------------------------------------------------------- fitting and evaluation
 
-def fit_method(method: str, shots: Shots, grid: Grid = Grid(), epochs: int = 20) -> Adapter:
-  """One method on one K-shot task (validation is the only split it can read)."""
+def fit_method(method: str, shots: Shots, grid: Grid = Grid(), epochs: int = 20, views_per_epoch: int = 1) -> Adapter:
+  """One method on one K-shot task (validation is the only split it can read); `epochs` and
+  `views_per_epoch` (`training.TrainConfig`) for the trained ones."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
   if method == "zero_shot":
     return zero_shot.fit(shots)
   if method.startswith("tip"):
-    cfg = TrainConfig(epochs=epochs, lrs=(("pos", 1e-3),), weight_decay=0.01, eps=1e-4, seed=shots.seed)
+    cfg = TrainConfig(epochs=epochs, lrs=(("pos", 1e-3),), weight_decay=0.01, eps=1e-4,
+                      views_per_epoch=views_per_epoch, seed=shots.seed)
     return tip_adapter.fit(shots, train=method == "tip_f", grid=grid, train_config=cfg)
-  cfg = TrainConfig(epochs=epochs, lrs=(("pos", 1e-4), ("neg", 5e-4)), weight_decay=0.1, seed=shots.seed)
+  cfg = TrainConfig(epochs=epochs, lrs=(("pos", 1e-4), ("neg", 5e-4)), weight_decay=0.1,
+                    views_per_epoch=views_per_epoch, seed=shots.seed)
   return dual_adapter.fit(shots, train=method.startswith("dual_f"), refine="norefine" not in method, grid=grid,
                           train_config=cfg)
 
@@ -77,7 +80,8 @@ def evaluate(adapter: Adapter, features: Features) -> dict:
 
 def run_grid(features: Features, methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
              noise: float = 0.0, grid: Grid = Grid(), epochs: int = 20, save_dir: str = "",
-             progress: Callable[[str], None] = log.info, save_format: str = "npz") -> list[dict]:
+             progress: Callable[[str], None] = log.info, save_format: str = "npz",
+             views_per_epoch: int = 1) -> list[dict]:
   """Every method × K × seed -> rows {method, k, seed, noise, <split>: accuracy, hparams, val_search};
   with `save_dir`, every adapter saved there (`Adapter.save(path, save_format)`)."""
   rows = []
@@ -86,7 +90,7 @@ def run_grid(features: Features, methods: Sequence[str], shots: Sequence[int], s
       task = sample_shots(features, k, seed, noise)
       for method in methods:
         start = time.perf_counter()
-        adapter = fit_method(method, task, grid, epochs)
+        adapter = fit_method(method, task, grid, epochs, views_per_epoch)
         row = {"method": NAMES[method], "k": k, "seed": seed, "noise": noise, **evaluate(adapter, features),
                "hparams": {n: v for n, v in adapter.hparams.items() if n in ("alpha", "beta", "lam")},
                "val_search": adapter.info.get("search", adapter.info.get("search_training_free", {})).get("accuracy"),
@@ -197,7 +201,7 @@ def fewshot(config, workdir: str) -> dict:
   for noise in config.noise:
     rows += run_grid(features, tuple(config.methods), tuple(config.shots), tuple(config.seeds), noise, grid,
                      config.epochs, os.path.join(workdir, "adapters") if config.save_adapters else "",
-                     save_format=config.get("save_format", "npz"))
+                     save_format=config.get("save_format", "npz"), views_per_epoch=config.views_per_epoch)
   splits = [s for s in features.splits if s != VALIDATION]
   table = summarise(rows, splits)
   report.print_table(table, f"few-shot accuracy ({features.meta['key']['data']['source']}; mean over seeds "

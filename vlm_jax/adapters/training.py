@@ -35,6 +35,7 @@ class TrainConfig:
   weight_decay: float = 0.1
   eps: float = 1e-8
   consistency: float = 0.0
+  views_per_epoch: int = 1  # the reference: each shot once per epoch, through a fresh view
   seed: int = 0
 
 
@@ -70,13 +71,8 @@ def train(kind: str, base: dict, hparams: dict, shots: Shots, groups: dict, reno
   v, c, k, d = shots.views.shape
   x = jnp.asarray(shots.views.reshape(-1, d), jnp.float32)
   y = jnp.asarray(np.broadcast_to(np.arange(c)[None, :, None], (v, c, k)).reshape(-1), jnp.int32)
-  n = x.shape[0]
-  batch = min(config.batch_size, n)
-  per_epoch = math.ceil(n / batch)
-  steps = config.epochs * per_epoch
-  rng = np.random.default_rng(config.seed)
-  order = [np.resize(rng.permutation(n), per_epoch * batch) for _ in range(config.epochs)]
-  order = jnp.asarray(np.concatenate(order or [np.zeros(0, np.int64)]).reshape(steps, batch))
+  order = jnp.asarray(sample_order(v, c * k, config))
+  steps = order.shape[0]
 
   base = {name: jnp.asarray(a, jnp.float32) for name, a in base.items()}
   residual = {name: jnp.zeros_like(base[name]) for name in groups}
@@ -86,6 +82,27 @@ def train(kind: str, base: dict, hparams: dict, shots: Shots, groups: dict, reno
   losses, residual = _run(kind, base, hp, residual, x, y, order, settings, renormalise,
                           float(config.consistency))
   return {n: np.asarray(a) for n, a in effective_arrays(base, residual, renormalise).items()}, np.asarray(losses)
+
+
+def sample_order(views: int, shots: int, config: TrainConfig) -> np.ndarray:
+  """[steps, batch] indices into the view-major [V·C·K] samples (index = view·C·K + shot).
+
+  Every epoch each shot contributes `views_per_epoch` distinct views drawn by the seed, shuffled;
+  an epoch's last batch is filled up from its start (a fixed batch shape: one compiled step).
+  """
+  if not 1 <= config.views_per_epoch <= views:
+    raise ValueError(f"views_per_epoch={config.views_per_epoch} must be in [1, {views}] "
+                     f"(the number of cached augmented views)")
+  n = shots * config.views_per_epoch
+  batch = min(config.batch_size, n)
+  per_epoch = math.ceil(n / batch)
+  rng = np.random.default_rng(config.seed)
+  epochs = []
+  for _ in range(config.epochs):
+    picked = np.argsort(rng.random((shots, views)), axis=1)[:, :config.views_per_epoch]
+    samples = (picked * shots + np.arange(shots)[:, None]).reshape(-1)
+    epochs.append(np.resize(samples[rng.permutation(n)], per_epoch * batch))
+  return np.concatenate(epochs or [np.zeros(0, np.int64)]).reshape(-1, batch)
 
 
 def _optimiser(lrs, groups, steps, eps, weight_decay) -> optax.GradientTransformation:

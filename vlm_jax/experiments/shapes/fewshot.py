@@ -78,9 +78,10 @@ def run(config, workdir: str) -> dict:
               geometric=tuple(f.grid.get("geometric", ())))
   splits = [s for s in features.splits if s != VALIDATION]
   clean = fewshot_jobs.run_grid(features, tuple(f.methods), tuple(f.shots), tuple(f.seeds), 0.0, grid, f.epochs,
-                                os.path.join(workdir, "adapters"))
+                                os.path.join(workdir, "adapters"), views_per_epoch=f.views_per_epoch)
   noisy = fewshot_jobs.run_grid(features, tuple(config.noise_methods), tuple(f.shots), tuple(f.seeds),
-                                config.noise, grid, f.epochs) if config.noise else []
+                                config.noise, grid, f.epochs,
+                                views_per_epoch=f.views_per_epoch) if config.noise else []
   table = fewshot_jobs.summarise(clean, splits)
   noisy_table = fewshot_jobs.summarise(noisy, splits)
   report.print_table(table, "shapes world, 24 classes: accuracy (mean over seeds)", ["method", "shots"] + splits)
