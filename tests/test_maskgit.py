@@ -92,6 +92,20 @@ def test_padding_and_null_condition_are_masked_out(model_params):
   np.testing.assert_allclose(apply(text, null), apply((other + 1) % 32, null), atol=1e-6)
 
 
+def test_splash_attention_gives_the_xla_logits(model_params):
+  """The Pallas kernel (interpret mode on CPU) with padded captions and the null condition."""
+  from vlm_jax.models.attention import interpret_kernels
+  model, params = model_params
+  text, text_mask = _captions(3)
+  text_mask = text_mask.at[2].set(False)  # a null-condition row
+  codes = jax.random.randint(jax.random.key(1), (3, T), 0, K + 1)
+  want = model.apply({"params": params}, text, text_mask, codes)
+  with interpret_kernels():
+    got = CodeGenerator(dataclasses.replace(CONFIG, attention="splash")).apply(
+        {"params": params}, text, text_mask, codes)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_cond_dropout_one_ignores_the_caption(model_params):
   _, params = model_params
   text, text_mask = _captions(4)

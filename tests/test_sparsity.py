@@ -222,6 +222,29 @@ def test_masks_from_another_model_are_refused():
     masks_lib.check_masks_fit(params, {"a": {"kernel": np.ones((4, 2), bool)}})
 
 
+def test_calibration_with_splash_attention_gives_the_xla_masks():
+  """Layer-wise calibration hands a kernel the mask's structure: the Pallas kernel (interpret mode)
+  sees the same padded, packed rows as `xla` and Wanda picks the same weights."""
+  import dataclasses
+  from vlm_jax.models import DecoderLM, LMConfig, init_params as init
+  from vlm_jax.models.attention import interpret_kernels
+  config = LMConfig(vocab_size=256, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    mlp_dim=64, max_position=64)
+  params = init(DecoderLM(config), jax.random.key(0))
+  ids = np.random.default_rng(0).integers(0, 256, (2, 32)).astype(np.int32)
+  valid = np.ones_like(ids).astype(bool)
+  valid[1, 24:] = False  # right padding
+  segments = np.where(np.arange(32) < 12, 0, 1)[None].repeat(2, 0).astype(np.int32)  # two packed rows
+  batch = [{"input_ids": ids, "attention_mask": valid.astype(np.int32), "segment_ids": segments,
+            "positions": np.where(segments == 0, np.arange(32), np.arange(32) - 12).astype(np.int32)}]
+  prune = lambda cfg: sparsity.prune(DecoderLM(cfg), params, method="wanda", ratios={"lm": 0.5},
+                                     calibration=batch, progress=False)[1]
+  want = prune(config)
+  with interpret_kernels():
+    got = prune(dataclasses.replace(config, attention="splash"))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_a_plain_lm_calibrates_on_ids_and_attention_mask_alone():
   """The README's minimal calibration batch: positions and segments default to an unpacked row."""
   from vlm_jax.models import DecoderLM, LMConfig, init_params as init

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlm_jax.models.attention import check_attention
+from vlm_jax.models.attention import STRUCTURED, Segments, check_attention
 from vlm_jax.models.layers import EncoderBlock, LayerNorm, Linear, constrain
 
 
@@ -161,7 +161,10 @@ class CodeGenerator(nn.Module):
                          code.astype(dtype) + code_pos.astype(dtype)[None]], axis=1)
     x = constrain(x, ("batch", "length", "embed"))
     keys = jnp.concatenate([text_mask.astype(bool), jnp.ones((b, c.num_tokens), bool)], axis=1)
-    mask = jnp.broadcast_to(keys[:, None, :], (b, keys.shape[1], keys.shape[1]))
+    if c.attention in STRUCTURED:  # a kernel takes the structure; padded queries then see only padding,
+      mask = Segments.of(keys)     # which no real token reads: the code logits are the same
+    else:
+      mask = jnp.broadcast_to(keys[:, None, :], (b, keys.shape[1], keys.shape[1]))
     for i in range(c.depth):
       x = EncoderBlock(c.num_heads, c.mlp_dim, c.act, c.norm_eps, c.attention, name=f"layers_{i}", **kw)(x, mask)
     x = LayerNorm(c.norm_eps, name="final_norm", **kw)(x[:, lt:])

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlm_jax.models.layers import Linear, RMSNorm
+from vlm_jax.models.attention import STRUCTURED, Segments
 from vlm_jax.models.lm import DecoderBlock, DecoderLM, attention_mask_matrix
 from vlm_jax.models.params import stack_layers, unstack_layers
 from vlm_jax.models.vit import VisionTower, encoder_block
@@ -135,8 +136,9 @@ def _prune_unit(unit: Unit, params: dict, xs: list, extras: list, weights: list,
 
 # ----------------------------------------------------------------------------- the units of a model
 
-def _decoder_inputs(batch: dict) -> tuple[Any, jax.Array]:
-  """(positions, [b, l, l] mask) for running decoder layers on their own, and the token weights."""
+def _decoder_inputs(batch: dict, structured: bool = False) -> tuple[Any, jax.Array]:
+  """(positions, mask) for running decoder layers on their own, and the token weights; the mask is
+  [b, l, l], or its structure (`Segments`) for a kernel that takes no dense mask (`structured`)."""
   ids = batch["input_ids"]
   b, l = ids.shape
   valid = jnp.asarray(batch.get("attention_mask", np.ones((b, l))), bool)
@@ -144,7 +146,8 @@ def _decoder_inputs(batch: dict) -> tuple[Any, jax.Array]:
       jnp.broadcast_to(jnp.arange(l), (b, l))
   segments = batch.get("segment_ids")
   slots = jnp.arange(l)
-  mask = attention_mask_matrix(valid, slots, slots, None if segments is None else jnp.asarray(segments))
+  segments = None if segments is None else jnp.asarray(segments)
+  mask = Segments.of(valid, segments, causal=True) if structured else attention_mask_matrix(valid, slots, slots, segments)
   return (positions, mask), valid.astype(jnp.float32)
 
 
@@ -257,7 +260,7 @@ def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], ta
           params, ids, embeds))
     else:
       xs.append(jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=DecoderLM.embed))(params, ids))
-    extra, w = _decoder_inputs(batch)
+    extra, w = _decoder_inputs(batch, text.attention in STRUCTURED)
     extras.append(extra)
     weights.append(w)
   for unit in _decoder_units(text, lm_prefix, hessian):
