@@ -327,8 +327,12 @@ def test_feature_cache_reused_and_mismatches_refused(tmp_path):
   assert again.meta["cache"] == "reused" and os.path.getmtime(cache) == mtime
   np.testing.assert_array_equal(again.train_views, first.train_views)
   np.testing.assert_array_equal(again.splits["test"].x, first.splits["test"].x)
-  with pytest.raises(adapters.CacheMismatch, match="another model"):
+  with pytest.raises(adapters.CacheMismatch, match=r"another model \(tiny0\), not this one \(tiny1\)"):
     adapters.extract(tiny_encoder(1), data, views=2, cache=cache)
+  retrained = tiny_encoder(1)
+  retrained.name = enc.name  # the same run, retrained (or its config changed)
+  with pytest.raises(adapters.CacheMismatch, match=r"another model of the same name \(tiny0\): the digest"):
+    adapters.extract(retrained, data, views=2, cache=cache)
   with pytest.raises(adapters.CacheMismatch, match="other data"):
     adapters.extract(enc, tiny_dataset(seed=1), views=2, cache=cache)
   with pytest.raises(adapters.CacheMismatch, match="class names differ"):

@@ -241,7 +241,11 @@ def _mismatch(stored: dict, key: dict) -> Optional[str]:
     return (f"its class names differ from the data's (only in the cache: {only_cache[:5]}, only in the data: "
             f"{only_data[:5]}{'' if only_cache or only_data else ', or another order'})")
   if stored["model"]["fingerprint"] != key["model"]["fingerprint"]:
-    return f"it was made with another model ({stored['model']['name'] or 'unnamed'}), not this one ({key['model']['name'] or 'unnamed'})"
+    old, new = stored["model"]["name"] or "unnamed", key["model"]["name"] or "unnamed"
+    if old == new:  # same folder or run: retrained, or its config gained or changed a field
+      return (f"it was made with another model of the same name ({new}): the digest of its config and "
+              f"parameters differs")
+    return f"it was made with another model ({old}), not this one ({new})"
   if stored["data"]["fingerprint"] != key["data"]["fingerprint"]:
     return f"it was made from other data ({stored['data']['source']}), not this data set ({key['data']['source']})"
   for part in ("augmentation", "templates"):
