@@ -428,13 +428,6 @@ def test_extraction_sharded_over_two_devices_matches_one():
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
-def test_argmax_equals_breaks_ties_as_argmax():
-  r = np.random.default_rng(0)
-  logits = r.integers(0, 3, size=(500, 6)).astype(np.float32)  # many ties
-  y = r.integers(0, 6, size=500)
-  np.testing.assert_array_equal(np.asarray(search_lib.argmax_equals(logits, y)), np.argmax(logits, -1) == y)
-
-
 @pytest.mark.parametrize("negative", [True, False])
 def test_search_equals_a_brute_force_vmapped_search(negative):
   import jax.numpy as jnp

@@ -22,6 +22,7 @@ import numpy as np
 
 from vlm_jax.adapters import logits as L
 from vlm_jax.adapters.task import VALIDATION, Split
+from vlm_jax.models.metrics import argmax_equals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +49,6 @@ def _check(split: Split) -> None:
     raise TypeError(f"the search takes a validation Split, got {type(split).__name__}")
   if split.name != VALIDATION:
     raise ValueError(f"the hyper-parameter search reads the {VALIDATION!r} split only, not {split.name!r}")
-
-
-def argmax_equals(logits, y):
-  """argmax(logits, -1) == y, as argmax breaks ties (the first maximum), without the argmax: XLA's
-  CPU argmax is a scalar (value, index) reduction, while this is one vectorised boolean `any`."""
-  target = jnp.take_along_axis(logits, y[:, None], axis=-1)
-  earlier = jnp.arange(logits.shape[-1]) < y[:, None]
-  return ~jnp.any(jnp.where(earlier, logits >= target, logits > target), axis=-1)
 
 
 @partial(jax.jit, static_argnames=("negative",))

@@ -26,6 +26,7 @@ import optax
 
 from vlm_jax.models.attention import STRUCTURED, Segments, check_attention
 from vlm_jax.models.layers import EncoderBlock, LayerNorm, Linear, constrain
+from vlm_jax.models.metrics import argmax_equals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +129,7 @@ def masked_loss(logits: jax.Array, codes: jax.Array, mask: jax.Array) -> tuple[j
   weight = mask.astype(jnp.float32)
   count = jnp.maximum(weight.sum(), 1.0)
   loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, codes) * weight) / count
-  accuracy = jnp.sum((jnp.argmax(logits, -1) == codes) * weight) / count
+  accuracy = jnp.sum(argmax_equals(logits, codes) * weight) / count
   return loss, {"loss": loss, "masked_accuracy": accuracy}
 
 

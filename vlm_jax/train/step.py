@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlm_jax.models.metrics import argmax_equals
 from vlm_jax.models.vlm import VLM
 from vlm_jax.train import optim as optim_lib
 from vlm_jax.train.extension import PLAIN, TrainExtension
@@ -60,7 +61,7 @@ def token_losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, 
 def _summed_terms(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
   """The summed terms of `loss_sums` over aligned logits, targets and weights."""
   ce, lse = _ce_and_lse(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = argmax_equals(logits, targets).astype(jnp.float32)
   return {"ce_sum": jnp.sum(ce * weights), "z_sum": jnp.sum(jnp.square(lse) * weights),
           "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
 
