@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from vlm_jax.models.layers import Linear, RMSNorm
 from vlm_jax.models.attention import STRUCTURED, Segments
+from vlm_jax.models.layers import Linear, RMSNorm
 from vlm_jax.models.lm import DecoderBlock, DecoderLM, attention_mask_matrix
 from vlm_jax.models.params import stack_layers, unstack_layers
 from vlm_jax.models.vit import VisionTower, encoder_block
