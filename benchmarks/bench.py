@@ -35,7 +35,7 @@ SCALES = {
     "models": (["--sizes", "small", "--gen-batches", "1,8,32"],
                ["--sizes", "tiny", "--batch", "2", "--seq", "48", "--gen-batches", "1,2", "--prompt-len", "8",
                 "--new-tokens", "4", "--repeats", "1", "--gen-repeats", "1"]),
-    "scoring": (["--model", "small", "--records", "32", "--batch", "8", "--repeats", "2"],
+    "scoring": (["--model", "small", "--records", "32", "--batch", "8", "--seq", "320", "--repeats", "2"],
                 ["--model", "tiny", "--records", "8", "--batch", "8", "--repeats", "1"]),
     "pruning": (dict(hidden=512, layers=4, vocab=8000, samples=32, seq=128),
                 dict(hidden=128, layers=2, vocab=512, samples=8, seq=32)),
