@@ -134,6 +134,23 @@ def test_row_ratios_are_exact_and_ties_prune_the_lower_index():
   np.testing.assert_array_equal(np.asarray(masks_lib.row_mask(ties, 0.5))[:, 0], [0, 0, 0, 1, 1, 1])
 
 
+def test_row_and_nm_masks_equal_a_stable_sort_rank_with_many_ties():
+  """The masks prune the entries a stable ascending sort ranks first (torch.sort(stable=True) in the
+  reference): checked against NumPy's stable argsort on scores with many ties, leading axes included."""
+  scores = np.random.default_rng(1).integers(0, 4, size=(2, 24, 5)).astype(np.float32)
+
+  def stable_keep(s, k):  # per column (axis -2): the k first in stable ascending order are pruned
+    ranks = np.argsort(np.argsort(s, axis=-2, kind="stable"), axis=-2, kind="stable")
+    return ranks >= k
+
+  for ratio in (0.0, 0.25, 0.5, 0.9):
+    np.testing.assert_array_equal(np.asarray(masks_lib.row_mask(jnp.asarray(scores), ratio)),
+                                  stable_keep(scores, int(24 * ratio)))
+  groups = scores.reshape(2, 6, 4, 5)
+  np.testing.assert_array_equal(np.asarray(masks_lib.nm_mask(jnp.asarray(scores), 2, 4)),
+                                stable_keep(groups, 2).reshape(scores.shape))
+
+
 def test_allocation_by_tower_and_override_and_errors():
   params = {"vision": {"layers_0": {"mlp": {"fc1": {"kernel": np.ones((4, 8))}}}},
             "projector": {"linear_1": {"kernel": np.ones((4, 8)), "bias": np.ones(8)}},

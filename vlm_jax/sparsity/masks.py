@@ -26,6 +26,7 @@ Which pattern a method takes by default is `pruners.DEFAULT_PATTERN`.
 import json
 import os
 import re
+from functools import partial
 from typing import Iterable, Optional
 
 import jax
@@ -66,15 +67,21 @@ def parse_pattern(pattern: str) -> tuple[str, int, int]:
   return "nm", int(match[1]), int(match[2])
 
 
-def _stable_ranks(scores: jax.Array, axis: int) -> jax.Array:
-  """Rank of each entry along `axis` in stable ascending order (0 = pruned first)."""
-  order = jnp.argsort(scores, axis=axis, stable=True)
-  return jnp.argsort(order, axis=axis, stable=True)
+@partial(jax.jit, static_argnames="k")
+def _keep_all_but_smallest(scores: jax.Array, k: int) -> jax.Array:
+  """False at the k smallest entries along axis -2, ties to the lower index: the entries ranked
+  below k in a stable ascending sort. `top_k` breaks ties to the lower index too, and on XLA:CPU
+  is ~5x faster than the two stable argsorts of a rank (the largest cost of a Wanda call)."""
+  last = jnp.swapaxes(scores, -1, -2)
+  keep = jnp.ones(last.shape, bool)
+  if k:
+    _, smallest = jax.lax.top_k(-last, k)
+    keep = jnp.put_along_axis(keep, smallest, False, axis=-1, inplace=False)
+  return jnp.swapaxes(keep, -1, -2)
 
 
 def row_mask(scores: jax.Array, ratio: float) -> jax.Array:
-  k = int(scores.shape[-2] * ratio)
-  return _stable_ranks(scores, axis=-2) >= k
+  return _keep_all_but_smallest(scores, int(scores.shape[-2] * ratio))
 
 
 def matrix_mask(scores: jax.Array, ratio: float) -> jax.Array:
@@ -139,7 +146,7 @@ def nm_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
   if fan_in % m:
     raise ValueError(f"{n}:{m} sparsity needs the input size to be a multiple of {m}, got {fan_in}")
   groups = scores.reshape(*lead, fan_in // m, m, out)
-  return (_stable_ranks(groups, axis=-2) >= n).reshape(scores.shape)
+  return _keep_all_but_smallest(groups, n).reshape(scores.shape)
 
 
 def mask_from_scores(scores: jax.Array, ratio: float, pattern: str) -> jax.Array:
