@@ -18,6 +18,7 @@ Padding never counts: decoder tokens are weighted by the attention mask, and
 unused image slots of a row are left out.
 """
 
+import functools
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -74,14 +75,55 @@ def _linear_stats(apply: Callable, hessian: bool) -> Callable:
 class Unit:
   """One piece of the model run on its own: `apply(params at prefix, x, extra) -> y`.
 
-  It prunes the targets under `scope` (default: everything under `prefix`).
+  It prunes the targets under `scope` (default: everything under `prefix`). `apply` comes from
+  one of the cached builders below (one function per config), so every layer of a kind, and
+  every later `prune` call on the same model, reuses the compiled programs.
   """
 
   def __init__(self, prefix: str, apply: Callable, hessian: bool, scope: Optional[str] = None):
     self.prefix = prefix
     self.scope = scope if scope is not None else prefix + "/"
-    self.forward = jax.jit(apply)
-    self.stats = jax.jit(_linear_stats(apply, hessian))
+    self.forward, self.stats = _compiled(apply, hessian)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(apply: Callable, hessian: bool) -> tuple[Callable, Callable]:
+  return jax.jit(apply), jax.jit(_linear_stats(apply, hessian))
+
+
+@functools.lru_cache(maxsize=64)
+def _decoder_block_apply(config) -> Callable:
+  block = DecoderBlock(config)
+  return lambda p, x, extra: block.apply({"params": p}, x, extra[0], extra[1], 0, None)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _encoder_block_apply(vision_config) -> Callable:
+  block = encoder_block(vision_config)
+  return lambda p, x, extra: block.apply({"params": p}, x)
+
+
+@functools.lru_cache(maxsize=64)
+def _projector_apply(vlm_config) -> Callable:
+  projector = projector_of(vlm_config)
+  return lambda p, x, extra: projector.apply({"params": p}, x)
+
+
+@functools.lru_cache(maxsize=64)
+def _embeddings(model_type: type, config) -> Callable:
+  """The decoder's input embeddings (token ids, and the image embeddings for a VLM), jitted once
+  per model config."""
+  model = model_type(config)
+  if isinstance(model, VLM):
+    return jax.jit(lambda p, ids, e: model.apply({"params": p}, ids, e, method=VLM.input_embeddings))
+  return jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=DecoderLM.embed))
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_features(vision_config) -> Callable:
+  """The tower's patch embeddings (layer 0's input), jitted once per tower config."""
+  tower = VisionTower(vision_config)
+  return jax.jit(lambda p, im: tower.apply({"params": p}, im, feature_layer=0).features)
 
 
 def _params_at(params: dict, prefix: str) -> dict:
@@ -162,8 +204,7 @@ def _image_slot_weights(model: VLM, batch: dict) -> jax.Array:
 
 
 def _decoder_units(config, prefix: str, hessian: bool) -> list[Unit]:
-  block = DecoderBlock(config)
-  apply = lambda p, x, extra: block.apply({"params": p}, x, extra[0], extra[1], 0, None)[0]
+  apply = _decoder_block_apply(config)
   return [Unit(f"{prefix}layers_{i}", apply, hessian) for i in range(config.num_layers)]
 
 
@@ -226,26 +267,22 @@ def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], ta
   image_embeds = [None] * len(batches)
   if c is not None and any(b.get("images") is not None for b in batches):
     with_images = [i for i, b in enumerate(batches) if b.get("images") is not None]
-    tower = VisionTower(c.vision)
     xs, weights = [], []
     for i in with_images:
       images = jnp.asarray(batches[i]["images"])
       flat_images = images.reshape(-1, *images.shape[-3:])
-      xs.append(jax.jit(lambda p, im: tower.apply({"params": p}, im, feature_layer=0).features)(
-          params["vision"], flat_images))
+      xs.append(_patch_features(c.vision)(params["vision"], flat_images))
       w = _image_slot_weights(model, batches[i])
       weights.append(w if rows_sharding is None else jax.device_put(w, rows_sharding))
     extras = [None] * len(xs)
     last = c.feature_layer % (c.vision.depth + 1)
     for layer in range(last):
-      block = encoder_block(c.vision)
-      unit = Unit(f"vision/layers_{layer}", lambda p, x, extra: block.apply({"params": p}, x), hessian)
+      unit = Unit(f"vision/layers_{layer}", _encoder_block_apply(c.vision), hessian)
       params, xs = prune(unit, params, xs, extras, weights)
       bar.update(1)
     if c.feature_select == "default":
       xs = [x[:, 1:] for x in xs]
-    projector = projector_of(c)
-    unit = Unit("projector", lambda p, x, extra: projector.apply({"params": p}, x), hessian)
+    unit = Unit("projector", _projector_apply(c), hessian)
     params, xs = prune(unit, params, xs, extras, weights)
     bar.update(1 + c.vision.depth - last)
     for i, x in zip(with_images, xs):
@@ -255,11 +292,8 @@ def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], ta
   xs, extras, weights = [], [], []
   for batch, embeds in zip(batches, image_embeds):
     ids = jnp.asarray(batch["input_ids"])
-    if c is not None:
-      xs.append(jax.jit(lambda p, ids, e: model.apply({"params": p}, ids, e, method=VLM.input_embeddings))(
-          params, ids, embeds))
-    else:
-      xs.append(jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=DecoderLM.embed))(params, ids))
+    embed = _embeddings(type(model), model.config)
+    xs.append(embed(params, ids, embeds) if c is not None else embed(params, ids))
     extra, w = _decoder_inputs(batch, text.attention in STRUCTURED)
     extras.append(extra)
     weights.append(w)
