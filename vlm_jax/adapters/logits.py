@@ -75,17 +75,36 @@ def refine_labels(keys: jax.Array, temperature: float = REFINE_TEMPERATURE) -> j
   return k * jax.nn.softmax(s / temperature, axis=-1)
 
 
+def beta_free_terms(f, w_pos, w_neg, keys, neg_keys, text_scale: float = TEXT_SCALE,
+                    neg_scale: float = NEG_SCALE):
+  """The terms that do not depend on β, and the logits' only matmuls: (text⁺, f·Fᵀ, text⁻, f·F⁻ᵀ).
+
+  Without a negative path (`w_neg`, `neg_keys` None: Tip-Adapter) the last two are None.
+  """
+  text_pos = text_scale * f @ w_pos.T
+  if w_neg is None:
+    return text_pos, cache_affinity(f, keys), None, None
+  return text_pos, cache_affinity(f, keys), neg_scale * (1.0 - f @ w_neg.T), cache_affinity(f, neg_keys)
+
+
+def parts_at(terms, pos_labels, neg_labels, beta):
+  """The four logit terms at one β from `beta_free_terms`, each [N, C]: (text⁺, cache⁺, text⁻,
+  cache⁻); zeros for a missing negative path."""
+  text_pos, aff_pos, text_neg, aff_neg = terms
+  cache_pos = cache_vote(jnp.exp(-beta * (1.0 - aff_pos)), pos_labels)
+  if text_neg is None:
+    return text_pos, cache_pos, jnp.zeros_like(text_pos), jnp.zeros_like(text_pos)
+  return text_pos, cache_pos, text_neg, cache_vote(jnp.exp(-beta * aff_neg), neg_labels)
+
+
 def dual_parts(f, w_pos, w_neg, keys, neg_keys, pos_labels, neg_labels, beta,
                text_scale: float = TEXT_SCALE, neg_scale: float = NEG_SCALE):
   """The four logit terms, each [N, C]: (text⁺, cache⁺, text⁻, cache⁻) with α = λ = 1.
 
   P⁺ = text⁺ + α·cache⁺, P⁻ = text⁻ + α·cache⁻; split so that α and λ act linearly (the search).
   """
-  text_pos = text_scale * f @ w_pos.T
-  cache_pos = cache_vote(jnp.exp(-beta * (1.0 - cache_affinity(f, keys))), pos_labels)
-  text_neg = neg_scale * (1.0 - f @ w_neg.T)
-  cache_neg = cache_vote(jnp.exp(-beta * cache_affinity(f, neg_keys)), neg_labels)
-  return text_pos, cache_pos, text_neg, cache_neg
+  terms = beta_free_terms(f, w_pos, w_neg, keys, neg_keys, text_scale, neg_scale)
+  return parts_at(terms, pos_labels, neg_labels, beta)
 
 
 def combine(parts, alpha, lam) -> jax.Array:

@@ -1,7 +1,7 @@
 """Hyper-parameter search (α, β, λ) on a VALIDATION split, vectorised over the grid.
 
 The β-free terms (the text logits and the f·Fᵀ affinities, the only matmuls) are computed once;
-for one β the cache terms of `logits.dual_parts` are then one exp and a vote each; α and λ act
+for one β the cache terms (`logits.parts_at`) are then one exp and a vote each; α and λ act
 linearly, so every (α, λ) pair is a `vmap` over cheap [N, C] combinations, and the β axis is a
 `lax.map` (one β's [nα, nλ, N, C] at a time: bounded memory). Tip-Adapter is the same search
 with λ = 1 and no negative path. Ties go to the first grid point in (β, α, λ) order.
@@ -14,7 +14,6 @@ keeps a test split from being passed in by hand.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -51,21 +50,14 @@ def _check(split: Split) -> None:
     raise ValueError(f"the hyper-parameter search reads the {VALIDATION!r} split only, not {split.name!r}")
 
 
-@partial(jax.jit, static_argnames=("negative",))
-def _accuracies(arrays, x, y, betas, alphas, lams, text_scale, neg_scale, negative):
-  # β-free terms once: the text logits and the f·Fᵀ affinities (the search's only matmuls)
-  text_pos = text_scale * x @ arrays["w_pos"].T
-  aff_pos = L.cache_affinity(x, arrays["keys"])
-  if negative:
-    text_neg = neg_scale * (1.0 - x @ arrays["w_neg"].T)
-    aff_neg = L.cache_affinity(x, arrays["neg_keys"])
+@jax.jit
+def _accuracies(arrays, x, y, betas, alphas, lams, text_scale, neg_scale):
+  """[nβ, nα, nλ] validation accuracies; `arrays` without w_neg / neg_keys: no negative path."""
+  terms = L.beta_free_terms(x, arrays["w_pos"], arrays.get("w_neg"), arrays["keys"], arrays.get("neg_keys"),
+                            text_scale, neg_scale)  # once: the search's only matmuls
 
   def per_beta(beta):
-    cache_pos = L.cache_vote(jnp.exp(-beta * (1.0 - aff_pos)), arrays["pos_labels"])
-    if negative:
-      parts = (text_pos, cache_pos, text_neg, L.cache_vote(jnp.exp(-beta * aff_neg), arrays["neg_labels"]))
-    else:
-      parts = (text_pos, cache_pos, jnp.zeros_like(text_pos), jnp.zeros_like(text_pos))
+    parts = L.parts_at(terms, arrays["pos_labels"], arrays.get("neg_labels"), beta)
 
     def acc(alpha, lam):
       return jnp.mean(argmax_equals(L.combine(parts, alpha, lam), y))
@@ -87,7 +79,7 @@ def search(arrays: dict, validation: Split, grid: Grid = Grid(), *, negative: bo
       "w_pos", "keys", "pos_labels")
   acc = np.asarray(_accuracies({n: jnp.asarray(arrays[n]) for n in names}, jnp.asarray(validation.x),
                                jnp.asarray(validation.y), betas, alphas, lams, float(text_scale),
-                               float(neg_scale), negative))
+                               float(neg_scale)))
   ib, ia, il = np.unravel_index(int(np.argmax(acc)), acc.shape)
   out = {"alpha": float(alphas[ia]), "beta": float(betas[ib]), "accuracy": float(acc[ib, ia, il]),
          "grid": int(acc.size)}
