@@ -16,6 +16,7 @@ import optax
 
 from vlm_jax.models.attention import STRUCTURED, Segments, check_attention
 from vlm_jax.models.layers import EncoderBlock, LayerNorm, Linear, constrain
+from vlm_jax.models.metrics import argmax_equals
 from vlm_jax.models.vit import ViTConfig, VisionTower
 
 
@@ -158,7 +159,7 @@ class ContrastiveModel(nn.Module):
     logits = out.logits_per_text
     loss = (siglip_loss if self.config.style == "siglip" else clip_loss)(logits)
     pairs = jnp.arange(logits.shape[0])
-    accuracy = (jnp.mean(jnp.argmax(logits, axis=1) == pairs) + jnp.mean(jnp.argmax(logits, axis=0) == pairs)) / 2
+    accuracy = (jnp.mean(argmax_equals(logits, pairs)) + jnp.mean(argmax_equals(logits.T, pairs))) / 2
     return loss, {"accuracy": accuracy, "temperature": jnp.exp(out.logit_scale)}
 
 

@@ -126,6 +126,19 @@ def _patch_features(vision_config) -> Callable:
   return jax.jit(lambda p, im: tower.apply({"params": p}, im, feature_layer=0).features)
 
 
+@functools.lru_cache(maxsize=64)
+def _head_apply(config) -> Callable:
+  """The final norm and the output head of an LM config."""
+  class Head(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+      x = RMSNorm(config.norm_eps, name="norm", **kw)(x)
+      return Linear(config.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
+
+  return lambda p, x, extra: Head().apply({"params": {"norm": p["norm"], "lm_head": p["lm_head"]}}, x)
+
+
 def _params_at(params: dict, prefix: str) -> dict:
   for key in filter(None, prefix.split("/")):
     params = params[key]
@@ -210,16 +223,7 @@ def _decoder_units(config, prefix: str, hessian: bool) -> list[Unit]:
 
 def _head_unit(config, prefix: str, hessian: bool) -> Unit:
   """The final norm and the output head (only run when the head is pruned)."""
-
-  class Head(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
-      x = RMSNorm(config.norm_eps, name="norm", **kw)(x)
-      return Linear(config.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
-
-  apply = lambda p, x, extra: Head().apply({"params": {"norm": p["norm"], "lm_head": p["lm_head"]}}, x)
-  return Unit(prefix.rstrip("/"), apply, hessian, scope=f"{prefix}lm_head/")
+  return Unit(prefix.rstrip("/"), _head_apply(config), hessian, scope=f"{prefix}lm_head/")
 
 
 def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], targets: dict[str, float],
@@ -290,9 +294,9 @@ def prune_sequential(model: nn.Module, params: dict, batches: Sequence[dict], ta
       image_embeds[i] = x.reshape(*images.shape[:-3], *x.shape[1:])
 
   xs, extras, weights = [], [], []
+  embed = _embeddings(type(model), model.config)
   for batch, embeds in zip(batches, image_embeds):
     ids = jnp.asarray(batch["input_ids"])
-    embed = _embeddings(type(model), model.config)
     xs.append(embed(params, ids, embeds) if c is not None else embed(params, ids))
     extra, w = _decoder_inputs(batch, text.attention in STRUCTURED)
     extras.append(extra)
